@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config/example.yaml
+
+.PHONY: run test lint typecheck unit mosquitto node-deps bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/mqtt-front run -c $(CONFIG)
+
+# Tests need a real Mosquitto (and its clients); install it when missing.
+mosquitto:
+	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto || ! command -v mosquitto_pub >/dev/null 2>&1; then \
+		echo "mosquitto not found: installing mosquitto and mosquitto-clients with apt-get"; \
+		apt-get update && apt-get install -y mosquitto mosquitto-clients; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check broker acl tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP) mosquitto
+	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP) mosquitto
+	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

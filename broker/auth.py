@@ -1,0 +1,152 @@
+"""Password authentication against a YAML users file of bcrypt hashes.
+
+bcrypt is deliberately slow, so it runs in a thread pool (it releases the GIL) and
+results are cached briefly, keyed by a SHA-256 of the credentials, never the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import bcrypt
+import yaml
+
+from acl.identity import IdentityKind, parse_identity
+from broker.config import ConfigError
+
+log = logging.getLogger("mqtt_front.auth")
+
+# Usernames that would own other identities' client ids: anonymous clients' ids live under
+# "anonymous:", and every project/device id starts with "project:"/"device:".
+RESERVED_USERNAMES = ("anonymous", "project", "device")
+
+
+def username_problem(username: str) -> str | None:
+    """Why a username cannot be allowed, or None.
+
+    Client ids are bound to usernames by the prefix ``<username>:`` (see the session's
+    client-id policy). That is only safe if no username's ``<username>:`` namespace can
+    contain another identity's ids, so ':' is kept for the structured forms
+    ``project:<team>:<project>`` and ``device:<team>:<device>``.
+    """
+    if username in RESERVED_USERNAMES:
+        return f"{username!r} is reserved"
+    if ":" in username and parse_identity(username).kind not in (IdentityKind.PROJECT, IdentityKind.DEVICE):
+        return f"{username!r} contains ':' but is not project:<team>:<project> or device:<team>:<device>"
+    return None
+
+# Token prefixes FlowFuse uses for generated credentials.
+TOKEN_PREFIXES = {"project": "ffbp_", "device": "ffbd_", "platform": "ffbpl_"}
+
+# Compared against when the user is unknown, so that timing does not reveal which names exist.
+_DUMMY_HASH = bcrypt.hashpw(b"not-a-real-password", bcrypt.gensalt(rounds=10))
+
+
+# bcrypt only reads 72 bytes; FlowFuse (bcryptjs) truncates the same way, so longer
+# passwords (Team Broker allows 128 characters) keep working.
+BCRYPT_MAX = 72
+
+
+def hash_password(password: str, rounds: int = 10) -> str:
+    raw = password.encode("utf-8")[:BCRYPT_MAX]
+    return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=rounds)).decode("ascii")
+
+
+def generate_token(kind: str) -> str:
+    """A FlowFuse-style token: prefix + base64url of 32 random bytes."""
+    raw = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+    return TOKEN_PREFIXES[kind] + raw
+
+
+def load_users(path: Path) -> dict[str, bytes]:
+    """``users: [{username, password_hash}]`` -> {username: hash}."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"auth.users_file: cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"auth.users_file: {path} is not valid YAML: {exc}") from None
+    entries = data.get("users") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ConfigError(f"auth.users_file: {path} must hold 'users: [{{username, password_hash}}]'")
+    users: dict[str, bytes] = {}
+    for i, entry in enumerate(entries):
+        where = f"auth.users_file: {path}: users.{i}"
+        if not isinstance(entry, dict) or set(entry) != {"username", "password_hash"}:
+            raise ConfigError(f"{where}: needs exactly the keys username and password_hash")
+        name, hashed = entry["username"], entry["password_hash"]
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.username: must be a non-empty string")
+        problem = username_problem(name)
+        if problem is not None:
+            raise ConfigError(f"{where}.username: {problem}")
+        if not isinstance(hashed, str) or not hashed.startswith(("$2b$", "$2a$", "$2y$")) or len(hashed) != 60:
+            raise ConfigError(f"{where}.password_hash: not a bcrypt hash (make one with 'mqtt-front passwd')")
+        if name in users:
+            raise ConfigError(f"{where}.username: {name!r} appears twice")
+        users[name] = hashed.encode("ascii")
+    return users
+
+
+@dataclass(slots=True)
+class Verdict:
+    ok: bool
+    bad_credentials: bool  # False: refused for lack of credentials (not authorized)
+
+
+class Authenticator:
+    def __init__(
+        self,
+        users: dict[str, bytes],
+        allow_anonymous: bool,
+        cache_ttl: float = 60.0,
+        workers: int | None = None,
+    ) -> None:
+        self.users = users
+        self.allow_anonymous = allow_anonymous
+        self.cache_ttl = cache_ttl
+        self._cache: dict[bytes, tuple[float, bool]] = {}
+        self._salt = secrets.token_bytes(16)  # cache keys are useless outside this process
+        self._executor = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="bcrypt")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def check(self, username: str | None, password: bytes | None) -> Verdict:
+        if username is None:
+            if password is None and self.allow_anonymous:
+                return Verdict(True, False)
+            return Verdict(False, password is not None)
+        if password is None:
+            return Verdict(False, False)
+        key = hmac.digest(self._salt, username.encode("utf-8") + b"\x00" + password, hashlib.sha256)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            return Verdict(cached[1], not cached[1])
+        hashed = self.users.get(username)
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._executor, _checkpw, password, hashed or _DUMMY_HASH)
+        ok = ok and hashed is not None
+        if self.cache_ttl > 0:
+            if len(self._cache) > 100_000:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache[key] = (now + self.cache_ttl, ok)
+        return Verdict(ok, not ok)
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password[:BCRYPT_MAX], hashed)
+    except ValueError:
+        return False

@@ -1,0 +1,189 @@
+"""The ``mqtt-front`` command: run, check, passwd, acl explain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from broker import __version__
+from broker.config import Config, ConfigError, load_config
+
+log = logging.getLogger("mqtt_front")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"mqtt-front: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+async def _serve(config: Config) -> None:
+    from broker.server import FrontBroker
+
+    front = FrontBroker(config)
+    await front.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("mqtt-front %s ready", __version__)
+    await stop.wait()
+    log.info("stopping")
+    await front.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    setup_logging(config.logging.level, config.logging.format)
+    try:
+        asyncio.run(_serve(config))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        from broker.auth import load_users
+        from broker.server import build_acl
+
+        users = load_users(config.auth.users_file) if config.auth.users_file else {}
+        engine = build_acl(config.acl)
+    except ConfigError as exc:
+        print(f"mqtt-front: {exc}", file=sys.stderr)
+        return 1
+    print(f"configuration {args.config} is valid")
+    for listener in config.listeners:
+        print(f"  listener {listener.name}: {listener.type} on {listener.bind}")
+    if config.upstream is None:
+        print("  upstream: embedded amqtt broker on loopback (MQTT 3.1.1 clients only)")
+    else:
+        print(f"  upstream: {config.upstream.url}")
+    print(f"  auth: {len(users)} users, anonymous {'allowed' if config.auth.allow_anonymous else 'refused'}")
+    print(f"  acl: preset {config.acl.preset}, {len(engine.rules)} rules in all")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from broker.auth import generate_token, hash_password
+
+    if args.generate:
+        password = generate_token(args.generate)
+        print(f"token: {password}")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("mqtt-front: empty password", file=sys.stderr)
+        return 1
+    hashed = hash_password(password, args.cost)
+    print(f"password_hash: {hashed}" if args.generate else hashed)
+    return 0
+
+
+def cmd_acl_explain(args: argparse.Namespace) -> int:
+    from acl.identity import parse_identity
+    from broker.server import build_acl
+
+    config = _load(args.config)
+    try:
+        engine = build_acl(config.acl)
+    except ConfigError as exc:
+        print(f"mqtt-front: {exc}", file=sys.stderr)
+        return 1
+    identity = parse_identity(args.user or None)
+    client_id = args.client_id if args.client_id is not None else (args.user or "")
+    acl = engine.for_client(identity, client_id, cache_size=0)
+    if args.publish is not None:
+        decision = acl.explain_publish(args.publish, args.retain)
+        what = f"publish {args.publish!r}" + (" (retained)" if args.retain else "")
+    else:
+        decision = acl.explain_subscribe(args.subscribe)
+        what = f"subscribe {args.subscribe!r}"
+    print(f"identity: {identity.kind.value} user={identity.username!r} team={identity.team!r}")
+    print(f"{'ALLOW' if decision.allowed else 'DENY'} {what}")
+    rule = decision.rule
+    detail = f": {rule.effect.value} {rule.action.value} {rule.pattern!r} for {rule.who}" if rule else ""
+    print(f"decided by {decision.source}{detail}")
+    return 0 if decision.allowed else 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqtt-front", description="MQTT front broker with team-scoped ACLs")
+    parser.add_argument("--version", action="version", version=f"mqtt-front {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the front broker")
+    run.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a configuration and print what would listen where")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
+
+    passwd = sub.add_parser("passwd", help="hash a password read from stdin (for auth.users_file)")
+    passwd.add_argument("--generate", choices=["project", "device", "platform"], help="generate a FlowFuse-style token")
+    passwd.add_argument("--cost", type=int, default=10, help="bcrypt cost (FlowFuse uses 10)")
+    passwd.set_defaults(func=cmd_passwd)
+
+    acl = sub.add_parser("acl", help="access-control tools")
+    acl_sub = acl.add_subparsers(dest="acl_command", required=True)
+    explain = acl_sub.add_parser("explain", help="show whether a user may publish/subscribe, and which rule decides")
+    explain.add_argument("-c", "--config", required=True)
+    explain.add_argument("--user", default="", help="MQTT username (empty = anonymous)")
+    explain.add_argument("--client-id", default=None)
+    group = explain.add_mutually_exclusive_group(required=True)
+    group.add_argument("--publish", metavar="TOPIC")
+    group.add_argument("--subscribe", metavar="FILTER")
+    explain.add_argument("--retain", action="store_true", help="with --publish: a retained message")
+    explain.set_defaults(func=cmd_acl_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        code: int = args.func(args)
+        return code
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
