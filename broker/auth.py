@@ -45,6 +45,7 @@ def username_problem(username: str) -> str | None:
         return f"{username!r} contains ':' but is not project:<team>:<project> or device:<team>:<device>"
     return None
 
+
 # Token prefixes FlowFuse uses for generated credentials.
 TOKEN_PREFIXES = {"project": "ffbp_", "device": "ffbd_", "platform": "ffbpl_"}
 

@@ -71,11 +71,12 @@ class Framer:
     ``max_packet_size`` is refused from its fixed header, before its body is buffered.
     """
 
-    __slots__ = ("_pending", "max_packet_size")
+    __slots__ = ("_pending", "error", "max_packet_size")
 
     def __init__(self, max_packet_size: int = MQTT_MAX_PACKET) -> None:
         self.max_packet_size = max_packet_size
         self._pending = b""
+        self.error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
@@ -94,38 +95,45 @@ class Framer:
         ends: list[int] = []
         pos = 0
         limit = self.max_packet_size
-        while n - pos >= 2:
-            b = data[pos + 1]
-            if b < 0x80:
-                total = 2 + b
-            else:
-                length = b & 0x7F
-                i = pos + 2
-                shift = 7
-                while True:
-                    if i >= n:
-                        total = -1  # length bytes still incomplete
+        try:
+            while n - pos >= 2:
+                b = data[pos + 1]
+                if b < 0x80:
+                    total = 2 + b
+                else:
+                    length = b & 0x7F
+                    i = pos + 2
+                    shift = 7
+                    while True:
+                        if i >= n:
+                            total = -1  # length bytes still incomplete
+                            break
+                        b = data[i]
+                        i += 1
+                        length |= (b & 0x7F) << shift
+                        if b < 0x80:
+                            if b == 0:
+                                # MQTT 5 section 1.5.5: the minimum number of bytes [MQTT-1.5.5-1].
+                                raise MalformedPacket("remaining length not minimally encoded")
+                            total = i - pos + length
+                            break
+                        if i - pos > 4:
+                            raise MalformedPacket("remaining length longer than 4 bytes")
+                        shift += 7
+                    if total < 0:
                         break
-                    b = data[i]
-                    i += 1
-                    length |= (b & 0x7F) << shift
-                    if b < 0x80:
-                        if b == 0:
-                            # MQTT 5 section 1.5.5: the minimum number of bytes [MQTT-1.5.5-1].
-                            raise MalformedPacket("remaining length not minimally encoded")
-                        total = i - pos + length
-                        break
-                    if i - pos > 4:
-                        raise MalformedPacket("remaining length longer than 4 bytes")
-                    shift += 7
-                if total < 0:
+                if total > limit:
+                    raise PacketTooLarge(f"packet of {total} bytes exceeds the maximum of {limit}")
+                if pos + total > n:
                     break
-            if total > limit:
-                raise PacketTooLarge(f"packet of {total} bytes exceeds the maximum of {limit}")
-            if pos + total > n:
-                break
-            pos += total
-            ends.append(pos)
+                pos += total
+                ends.append(pos)
+        except ProtocolError as exc:
+            if not ends:
+                raise
+            # Hand out the good packets before the bad one; the caller raises `error` after them.
+            self.error = exc
+            return data[:pos], ends
         if pos < n:
             self._pending = data[pos:]
             data = data[:pos]

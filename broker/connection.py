@@ -13,6 +13,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from broker.codec import encode_disconnect
 from broker.session import Authenticate, Close, OpenUpstream, Session, State
 
 if TYPE_CHECKING:
@@ -164,6 +165,13 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = transport
         self.session.upstream_connected()
         self._pump()
+
+    def server_shutdown(self) -> None:
+        """The process is stopping: v5 clients are told so (0x8B) before the socket closes."""
+        session = self.session
+        if session is not None and session.v5 and session.state is State.ESTABLISHED:
+            session.out_client.append(encode_disconnect(0x8B, "server shutting down"))
+        self._shutdown("server shutting down")
 
     def _connect_timeout(self) -> None:
         self._timer = None

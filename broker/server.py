@@ -85,7 +85,7 @@ class FrontBroker:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            conn._shutdown("server shutting down")
+            conn.server_shutdown()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

@@ -205,6 +205,10 @@ class Session:
     # ------------------------------------------------------------------ helpers
 
     @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
     def reading_client(self) -> bool:
         """Whether the I/O layer should keep reading the client (not while the handshake runs)."""
         return self.state in (State.WAIT_CONNECT, State.ESTABLISHED)
@@ -261,6 +265,8 @@ class Session:
                 self._client_packets(chunk, ends, 0)
             else:
                 self._on_connect(chunk, ends)
+            if self._client_framer.error is not None and not self.closed:
+                raise self._client_framer.error
         except ProtocolError as exc:
             self._protocol_error(exc, "client")
 
@@ -386,7 +392,7 @@ class Session:
             self._refuse_connect(V3_SERVER_UNAVAILABLE, V5_SERVER_UNAVAILABLE, f"upstream unavailable: {reason}")
         elif self.state is State.ESTABLISHED:
             if self.v5:
-                self.out_client.append(encode_disconnect(V5_SERVER_UNAVAILABLE))
+                self.out_client.append(encode_disconnect(V5_UNSPECIFIED, "upstream connection lost"))
             self._close(f"upstream closed: {reason}")
         else:
             self._close(f"upstream closed: {reason}")
@@ -411,6 +417,8 @@ class Session:
                         if replacement:
                             out.append(replacement)
                         run = end
+                        if self.state is State.CLOSED:
+                            return  # deny_action disconnect: nothing after the refused PUBLISH goes upstream
                 elif ptype in (_PUBACK, _PUBCOMP, _PUBREC):
                     check_fixed_flags(first, v5)
                     decode_ack(chunk, start, end, v5)
@@ -451,6 +459,8 @@ class Session:
         topic = pub.topic
         rewritten = False
         props = pub.properties
+        if props and Prop.SUBSCRIPTION_IDENTIFIER in props:
+            raise ProtocolViolation("Subscription Identifier in a PUBLISH from the client")  # [MQTT-3.3.4-6]
         if props and Prop.TOPIC_ALIAS in props:
             alias = props[Prop.TOPIC_ALIAS]
             if alias > self._alias_max:
@@ -547,6 +557,8 @@ class Session:
                 self._on_connack(chunk, ends)
             else:
                 raise ProtocolViolation("upstream sent data before CONNECT")
+            if self._upstream_framer.error is not None and not self.closed:
+                raise self._upstream_framer.error
         except ProtocolError as exc:
             log.warning("protocol error from upstream for %s: %s", self.peer, exc)
             if self.state is State.ESTABLISHED and self.v5:
