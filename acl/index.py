@@ -33,7 +33,18 @@ class IndexedRule:
 
 
 class _Node:
-    __slots__ = ("hash", "ids", "lit", "min_deny_sub", "min_sub", "placeholders", "plus", "prefixes", "wild")
+    __slots__ = (
+        "deny_kinds",
+        "hash",
+        "ids",
+        "lit",
+        "min_deny_sub",
+        "min_sub",
+        "placeholders",
+        "plus",
+        "prefixes",
+        "wild",
+    )
 
     def __init__(self) -> None:
         # Child containers stay None until used: large literal rule sets create many nodes.
@@ -45,6 +56,8 @@ class _Node:
         self.ids: list[int] | None = None  # ascending rule ids of patterns ending here
         self.min_sub = NO_RULE
         self.min_deny_sub = NO_RULE
+        # Kinds that some deny rule below applies to: the deny search skips subtrees of other kinds' denies.
+        self.deny_kinds = 0
         self.wild = False  # has a `+`, prefix or placeholder child: lets literal-only nodes skip three checks
 
 
@@ -107,6 +120,7 @@ class TopicIndex:
             node.min_sub = min(node.min_sub, rule.id)
             if not rule.allow:
                 node.min_deny_sub = min(node.min_deny_sub, rule.id)
+                node.deny_kinds |= rule.kinds
 
     # -- terminal selection ------------------------------------------------------------------------
 
@@ -138,7 +152,9 @@ class TopicIndex:
 
     # -- concrete topics ---------------------------------------------------------------------------
 
-    def match(self, levels: Sequence[str], values: Mapping[str, str], kind_bit: int, retained: bool | None) -> int:
+    def match(
+        self, levels: Sequence[str], values: Mapping[str, str], kind_bit: int, retained: bool | None
+    ) -> int:
         """Lowest id of a rule matching the topic (NO_RULE if none). `retained` None ignores retain."""
         # Hot path: the child pushes are inlined rather than shared with the filter walks.
         best = NO_RULE
@@ -249,7 +265,7 @@ class TopicIndex:
         pop, push = stack.pop, stack.append
         while stack:
             node, k = pop()
-            if node.min_deny_sub >= best:
+            if node.min_deny_sub >= best or not node.deny_kinds & kind_bit:
                 continue
             if k < n and flevels[k] == "#":
                 best = self._deny_in_subtree(node, k, values, kind_bit, best)
@@ -268,13 +284,15 @@ class TopicIndex:
                 self._push_level_children(node, f, k, first_dollar, values, push)
         return best
 
-    def _deny_in_subtree(self, start: _Node, k0: int, values: Mapping[str, str], kind_bit: int, best: int) -> int:
+    def _deny_in_subtree(
+        self, start: _Node, k0: int, values: Mapping[str, str], kind_bit: int, best: int
+    ) -> int:
         """The filter's remaining levels are `#`: every satisfiable pattern below intersects it."""
         stack = [(start, k0)]
         pop, push = stack.pop, stack.append
         while stack:
             node, k = pop()
-            if node.min_deny_sub >= best:
+            if node.min_deny_sub >= best or not node.deny_kinds & kind_bit:
                 continue
             best = self._first_effect(node, best, kind_bit, False)
             if node.hash is not None:
@@ -305,4 +323,3 @@ class TopicIndex:
 
 def _literal_dollar(level: str) -> bool:
     return level not in ("+", "#") and level[:1] == "$"
-

@@ -10,8 +10,13 @@ ALLOW, DENY = Effect.ALLOW, Effect.DENY
 PUB, SUB, BOTH = Action.PUBLISH, Action.SUBSCRIBE, Action.BOTH
 
 
-def client(username: str | None, rules: list[Rule] | None = None, preset: str = "flowfuse",
-           client_id: str = "cid", share_groups: list[str] | None = None) -> ClientAcl:
+def client(
+    username: str | None,
+    rules: list[Rule] | None = None,
+    preset: str = "flowfuse",
+    client_id: str = "cid",
+    share_groups: list[str] | None = None,
+) -> ClientAcl:
     engine = AclEngine(rules or [], preset=preset, share_groups=share_groups)
     return engine.for_client(parse_identity(username), client_id)
 
@@ -40,8 +45,19 @@ def test_parse_identity_forms(username: str | None, expected: Identity) -> None:
 
 @pytest.mark.parametrize(
     "username",
-    ["project:a", "project:a:b:c", "project::b", "project:a:", "device:a", "device:a:b:c", "@team1", "alice@",
-     "a@b@c", "forge_platform2", "Project:a:b"],
+    [
+        "project:a",
+        "project:a:b:c",
+        "project::b",
+        "project:a:",
+        "device:a",
+        "device:a:b:c",
+        "@team1",
+        "alice@",
+        "a@b@c",
+        "forge_platform2",
+        "Project:a:b",
+    ],
 )
 def test_malformed_forms_are_plain_users(username: str) -> None:
     ident = parse_identity(username)
@@ -117,7 +133,9 @@ def test_first_match_wins_and_deny_overrides_later_allow() -> None:
 
 
 def test_allow_before_deny_wins() -> None:
-    acl = client("alice", [Rule("any", ALLOW, BOTH, "a/#"), Rule("any", DENY, BOTH, "a/secret")], preset="none")
+    acl = client(
+        "alice", [Rule("any", ALLOW, BOTH, "a/#"), Rule("any", DENY, BOTH, "a/secret")], preset="none"
+    )
     assert acl.check_publish("a/secret") and acl.check_subscribe("a/#")
 
 
@@ -148,8 +166,11 @@ def test_retain_false_allows_only_non_retained() -> None:
 
 
 def test_retain_falls_through_to_later_rule() -> None:
-    rules = [Rule("any", ALLOW, PUB, "a/#", retain=False), Rule("any", DENY, PUB, "a/#"),
-             Rule("any", ALLOW, PUB, "b/#", retain=True)]
+    rules = [
+        Rule("any", ALLOW, PUB, "a/#", retain=False),
+        Rule("any", DENY, PUB, "a/#"),
+        Rule("any", ALLOW, PUB, "b/#", retain=True),
+    ]
     acl = client("alice", rules, preset="none")
     assert acl.explain_publish("a/x", retain=True).source == "rules[1]"
     assert acl.check_publish("b/x", retain=True) and not acl.check_publish("b/x")
@@ -233,7 +254,9 @@ def test_prefix_level_cover() -> None:
     assert acl.check_subscribe("a/res-abcd1234/x")
     assert not acl.check_subscribe("a/+/#")
     assert not acl.check_subscribe("a/res-/x")
-    deny = client("alice", [Rule("any", DENY, SUB, "a/res-*/x"), Rule("any", ALLOW, SUB, "a/#")], preset="none")
+    deny = client(
+        "alice", [Rule("any", DENY, SUB, "a/res-*/x"), Rule("any", ALLOW, SUB, "a/#")], preset="none"
+    )
     assert not deny.check_subscribe("a/+/x")
     assert not deny.check_subscribe("a/#")
     assert deny.check_subscribe("a/res/x")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,12 +13,39 @@ from acl.placeholders import placeholder_values
 from acl.rules import Level, LevelKind, parse_pattern
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The brute-force subscribe reference is slow; fewer examples keep the test well inside the 60 s timeout.
+SLOW_SETTINGS = settings(SETTINGS, max_examples=150)
 
 TEAMS = ["team1", "team10", "team2", "team", "t", "a", "p1", "c", "$SYS", "te/am", "+", "#", "x\x00"]
 IDS = ["p1", "p2", "p10", "d1", "team1", "team2", "out", "a", "$x", "p/1", "+"]
 # Adversarial topic levels: empty, `$`, other teams, prefixes of each other, the preset's keywords.
-LEVELS = ["ff", "v1", "team1", "team10", "team2", "team", "t", "p", "p1", "p2", "p10", "d", "d1", "c",
-          "in", "out", "res", "res-", "res-ab12", "res-x", "", "$SYS", "$x", "a", "alice"]
+LEVELS = [
+    "ff",
+    "v1",
+    "team1",
+    "team10",
+    "team2",
+    "team",
+    "t",
+    "p",
+    "p1",
+    "p2",
+    "p10",
+    "d",
+    "d1",
+    "c",
+    "in",
+    "out",
+    "res",
+    "res-",
+    "res-ab12",
+    "res-x",
+    "",
+    "$SYS",
+    "$x",
+    "a",
+    "alice",
+]
 
 levels_st = st.sampled_from(LEVELS)
 topic_st = st.lists(levels_st, min_size=1, max_size=8).map("/".join)
@@ -41,8 +69,17 @@ def team_identities(draw: st.DrawFn) -> tuple[Identity, str]:
     return identity, client_id
 
 
-PATTERN_LEVELS = [*LEVELS[:20], "+", "res-*", "p*", "${project}", "${device}", "${username}", "${clientid}",
-                  "${team}"]
+PATTERN_LEVELS = [
+    *LEVELS[:20],
+    "+",
+    "res-*",
+    "p*",
+    "${project}",
+    "${device}",
+    "${username}",
+    "${clientid}",
+    "${team}",
+]
 
 
 @st.composite
@@ -80,10 +117,22 @@ def can_touch_foreign_team(topic_filter: str, team: str | None) -> bool:
 
 
 @SETTINGS
-@given(team_identities(), st.lists(rules(team_scoped=True), max_size=6), st.sampled_from(TEAMS),
-       st.lists(levels_st, min_size=0, max_size=5), filters(), st.booleans())
-def test_team_isolation(ident: tuple[Identity, str], extra: list[Rule], foreign: str, rest: list[str],
-                        topic_filter: str, retain: bool) -> None:
+@given(
+    team_identities(),
+    st.lists(rules(team_scoped=True), max_size=6),
+    st.sampled_from(TEAMS),
+    st.lists(levels_st, min_size=0, max_size=5),
+    filters(),
+    st.booleans(),
+)
+def test_team_isolation(
+    ident: tuple[Identity, str],
+    extra: list[Rule],
+    foreign: str,
+    rest: list[str],
+    topic_filter: str,
+    retain: bool,
+) -> None:
     identity, client_id = ident
     acl = AclEngine(extra, preset="flowfuse").for_client(identity, client_id, cache_size=0)
     team = identity.team
@@ -92,7 +141,11 @@ def test_team_isolation(ident: tuple[Identity, str], extra: list[Rule], foreign:
     if topic.split("/")[2] != team:
         assert not acl.check_publish(topic, retain)
         assert not acl.check_receive(topic)
-    for candidate in (topic_filter, "ff/v1/" + topic_filter, f"$share/{identity.project}/ff/v1/{topic_filter}"):
+    for candidate in (
+        topic_filter,
+        "ff/v1/" + topic_filter,
+        f"$share/{identity.project}/ff/v1/{topic_filter}",
+    ):
         inner = candidate.split("/", 2)[2] if candidate.startswith("$share/") else candidate
         if can_touch_foreign_team(inner, team):
             assert not acl.check_subscribe(candidate), candidate
@@ -129,10 +182,22 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
 
 
 @SETTINGS
-@given(st.lists(rules(team_scoped=False), max_size=8), st.sampled_from(["flowfuse", "none"]),
-       team_identities(), filters(), st.lists(levels_st, max_size=6), st.lists(levels_st, max_size=3))
-def test_subscribe_implies_receive(rule_list: list[Rule], preset: str, ident: tuple[Identity, str],
-                                   topic_filter: str, fill: list[str], tail: list[str]) -> None:
+@given(
+    st.lists(rules(team_scoped=False), max_size=8),
+    st.sampled_from(["flowfuse", "none"]),
+    team_identities(),
+    filters(),
+    st.lists(levels_st, max_size=6),
+    st.lists(levels_st, max_size=3),
+)
+def test_subscribe_implies_receive(
+    rule_list: list[Rule],
+    preset: str,
+    ident: tuple[Identity, str],
+    topic_filter: str,
+    fill: list[str],
+    tail: list[str],
+) -> None:
     identity, client_id = ident
     acl = AclEngine(rule_list, preset=preset).for_client(identity, client_id, cache_size=0)
     topic = sample_topic(topic_filter, fill, tail)
@@ -218,8 +283,9 @@ def applies(rule: Rule, identity: Identity) -> bool:
     return rule.who in ("any", identity.kind.value)
 
 
-def linear_topic(rule_list: list[Rule], identity: Identity, values: dict[str, str], topic: str,
-                 publish: bool, retain: bool) -> bool:
+def linear_topic(
+    rule_list: list[Rule], identity: Identity, values: dict[str, str], topic: str, publish: bool, retain: bool
+) -> bool:
     for rule in rule_list:
         if not applies(rule, identity) or (rule.publishes if publish else rule.subscribes) is False:
             continue
@@ -261,9 +327,11 @@ def level_set(level: Level | str, pos: int, reps: list[str], values: dict[str, s
     return frozenset(r for r in reps if ok(r))
 
 
-def expand(levels: list[Level] | list[str], length: int, reps: list[str],
-           values: dict[str, str]) -> list[frozenset[str]] | None:
+def expand(
+    levels: Sequence[Level | str], length: int, reps: list[str], values: dict[str, str]
+) -> list[frozenset[str]] | None:
     """Level sets of the topics of exactly `length` levels matched (None if none have that length)."""
+
     def is_hash(lv: Level | str) -> bool:
         return lv == "#" if isinstance(lv, str) else lv.kind is LevelKind.HASH
 
@@ -278,8 +346,9 @@ def expand(levels: list[Level] | list[str], length: int, reps: list[str],
     return [level_set(lv, i, reps, values) for i, lv in enumerate(levels)]
 
 
-def linear_subscribe(rule_list: list[Rule], identity: Identity, values: dict[str, str],
-                     topic_filter: str) -> bool:
+def linear_subscribe(
+    rule_list: list[Rule], identity: Identity, values: dict[str, str], topic_filter: str
+) -> bool:
     flevels = topic_filter.split("/")
     reps = universe(rule_list, values, flevels)
     max_len = max([len(flevels), *(len(parse_pattern(r.pattern)) for r in rule_list)]) + 1
@@ -304,13 +373,23 @@ def linear_subscribe(rule_list: list[Rule], identity: Identity, values: dict[str
     return False
 
 
-@SETTINGS
-@given(st.lists(rules(team_scoped=False), max_size=10), st.sampled_from(["flowfuse", "none"]),
-       team_identities(), st.lists(st.tuples(topic_st, st.booleans()), min_size=1, max_size=5),
-       st.lists(filters(), min_size=1, max_size=3), st.data())
-def test_trie_equals_linear_first_match(rule_list: list[Rule], preset: str, ident: tuple[Identity, str],
-                                        topics: list[tuple[str, bool]], topic_filters: list[str],
-                                        data: st.DataObject) -> None:
+@SLOW_SETTINGS
+@given(
+    st.lists(rules(team_scoped=False), max_size=10),
+    st.sampled_from(["flowfuse", "none"]),
+    team_identities(),
+    st.lists(st.tuples(topic_st, st.booleans()), min_size=1, max_size=5),
+    st.lists(filters(), min_size=1, max_size=3),
+    st.data(),
+)
+def test_trie_equals_linear_first_match(
+    rule_list: list[Rule],
+    preset: str,
+    ident: tuple[Identity, str],
+    topics: list[tuple[str, bool]],
+    topic_filters: list[str],
+    data: st.DataObject,
+) -> None:
     identity, client_id = ident
     engine = AclEngine(rule_list, preset=preset)
     acl = engine.for_client(identity, client_id, cache_size=0)
@@ -318,11 +397,15 @@ def test_trie_equals_linear_first_match(rule_list: list[Rule], preset: str, iden
     everything = list(engine.rules)
     readable = [r for r in everything if applies(r, identity) and r.subscribes and r.allows]
     topic_filters += [data.draw(derived_filters(readable, values)) for _ in range(4)]
-    topics += [(sample_topic(f, data.draw(st.lists(levels_st, max_size=6)), ["a"]), data.draw(st.booleans()))
-               for f in topic_filters]
+    topics += [
+        (sample_topic(f, data.draw(st.lists(levels_st, max_size=6)), ["a"]), data.draw(st.booleans()))
+        for f in topic_filters
+    ]
     topics += [(data.draw(derived_topics(everything, values)), data.draw(st.booleans())) for _ in range(4)]
     for topic, retain in topics:
-        assert acl.check_publish(topic, retain) is linear_topic(everything, identity, values, topic, True, retain)
+        assert acl.check_publish(topic, retain) is linear_topic(
+            everything, identity, values, topic, True, retain
+        )
         assert acl.check_receive(topic) is linear_topic(everything, identity, values, topic, False, False)
     for topic_filter in topic_filters:
         expected = linear_subscribe(everything, identity, values, topic_filter)
@@ -335,6 +418,10 @@ def test_reference_self_check() -> None:
     ident = parse_identity("project:team1:p1")
     values = placeholder_values(ident, "c")
     preset_rules = list(AclEngine([], preset="flowfuse").rules)
-    for topic_filter, expected in [("ff/v1/team1/p/+/out/#", True), ("#", False), ("ff/v1/team1/p/p1/res-a/#", True),
-                                   ("ff/v1/team1/p/p1/+/#", False)]:
+    for topic_filter, expected in [
+        ("ff/v1/team1/p/+/out/#", True),
+        ("#", False),
+        ("ff/v1/team1/p/p1/res-a/#", True),
+        ("ff/v1/team1/p/p1/+/#", False),
+    ]:
         assert linear_subscribe(preset_rules, ident, values, topic_filter) is expected
