@@ -157,7 +157,10 @@ class Session:
         "_connect",
         "_deny_logged",
         "_early",
+        "_held_acks",
+        "_inflight",
         "_pending_subacks",
+        "_seq",
         "_upstream_dropped_qos2",
         "_upstream_framer",
         "actions",
@@ -197,6 +200,11 @@ class Session:
         self._client_alias: dict[int, str] = {}
         self._alias_max = 0
         self._client_denied_qos2: set[int] = set()
+        # Acks must reach the client in PUBLISH order [MQTT-4.6.0-2/3]: our own acks for refused
+        # publishes wait behind the upstream's acks for earlier forwarded ones.
+        self._inflight: dict[int, int] = {}  # packet id -> sequence number, in forwarding order
+        self._held_acks: list[tuple[int, bytes]] = []  # (sequence number it waits for, ack)
+        self._seq = 0
         self._upstream_dropped_qos2: set[int] = set()
         self._pending_subacks: dict[int, _PendingSuback] = {}
         self._deny_logged = 0
@@ -484,14 +492,19 @@ class Session:
                 self._close("publish not authorized")
                 return b""
             # Acknowledge so the client does not retry forever; v5 learns why.
-            code = V5_NOT_AUTHORIZED if v5 else 0
-            if pub.qos == 1:
-                self.out_client.append(encode_ack(PacketType.PUBACK, v5, pub.packet_id, code))
-            elif pub.qos == 2:
-                self.out_client.append(encode_ack(PacketType.PUBREC, v5, pub.packet_id, code))
-                if not v5:
+            if pub.qos:
+                code = V5_NOT_AUTHORIZED if v5 else 0
+                ack = encode_ack(PacketType.PUBACK if pub.qos == 1 else PacketType.PUBREC, v5, pub.packet_id, code)
+                if pub.qos == 2 and not v5:
                     self._client_denied_qos2.add(pub.packet_id)
+                if self._inflight:
+                    self._held_acks.append((self._seq, ack))
+                else:
+                    self.out_client.append(ack)
             return b""
+        if pub.qos:
+            self._seq += 1
+            self._inflight[pub.packet_id] = self._seq
         if not rewritten:
             return None
         assert props is not None
@@ -633,6 +646,19 @@ class Session:
                 replacement: bytes | None = None
                 if ptype == _PUBLISH:
                     replacement = self._upstream_publish(chunk, start, end, v5)
+                elif ptype in (_PUBACK, _PUBREC):
+                    if self._inflight:
+                        # A plain ack is 4 bytes with the packet id last; others need decoding.
+                        if end - start == 4:
+                            packet_id = (chunk[end - 2] << 8) | chunk[end - 1]
+                        else:
+                            packet_id = decode_ack(chunk, start, end, v5).packet_id
+                        self._inflight.pop(packet_id, None)
+                        if self._held_acks:
+                            if run < end:
+                                out.append(chunk[run:end])
+                            run = end
+                            self._release_acks()
                 elif ptype == _PUBREL:
                     if self._upstream_dropped_qos2:
                         ack = decode_ack(chunk, start, end, v5)
@@ -668,6 +694,16 @@ class Session:
             raise
         if run < start:
             out.append(chunk if run == 0 and start == len(chunk) else chunk[run:start])
+
+    def _release_acks(self) -> None:
+        """Send our held acks whose earlier forwarded publishes are all acknowledged now."""
+        first_open = next(iter(self._inflight.values()), None)
+        held = self._held_acks
+        i = 0
+        while i < len(held) and (first_open is None or held[i][0] < first_open):
+            self.out_client.append(held[i][1])
+            i += 1
+        del held[:i]
 
     def _upstream_publish(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
         pub = decode_publish(chunk, start, end, v5)

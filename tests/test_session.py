@@ -563,6 +563,31 @@ def test_acks_and_ping_from_client_forwarded() -> None:
     assert s.out_upstream == [data]
 
 
+@pytest.mark.parametrize("v5", [False, True])
+def test_refusal_acks_keep_publish_order(v5: bool) -> None:
+    """[MQTT-4.6.0-2/3]: acks go out in PUBLISH order, so our own ack for a refused publish waits
+    behind the upstream's ack for an earlier forwarded one."""
+    s = handshake(v5=v5)
+    allowed1 = publish("a/1", qos=1, packet_id=1, v5=v5)
+    allowed2 = publish("a/2", qos=2, packet_id=3, v5=v5)
+    s.receive_client(allowed1 + publish("denied/x", qos=1, packet_id=2, v5=v5) + allowed2)
+    s.receive_client(publish("denied/y", qos=2, packet_id=4, v5=v5))
+    assert b"".join(s.out_upstream) == allowed1 + allowed2
+    assert s.out_client == []  # nothing may overtake the ack of packet 1
+    code = 0x87 if v5 else 0
+    up_ack1 = encode_ack(PacketType.PUBACK, v5, 1)
+    s.receive_upstream(up_ack1)
+    assert s.out_client == [up_ack1, encode_ack(PacketType.PUBACK, v5, 2, code)]
+    s.out_client.clear()
+    up_rec3 = encode_ack(PacketType.PUBREC, v5, 3)
+    s.receive_upstream(up_rec3)
+    assert s.out_client == [up_rec3, encode_ack(PacketType.PUBREC, v5, 4, code)]
+    s.out_client.clear()
+    # With nothing in flight, a refusal is acknowledged at once.
+    s.receive_client(publish("denied/z", qos=1, packet_id=5, v5=v5))
+    assert s.out_client == [encode_ack(PacketType.PUBACK, v5, 5, code)]
+
+
 @pytest.mark.parametrize("v5", [True, False])
 def test_denied_publish(v5: bool) -> None:
     s = handshake(v5=v5)
