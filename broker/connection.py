@@ -11,12 +11,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from broker.codec import encode_disconnect
 from broker.session import Authenticate, Close, OpenUpstream, Session, State
 
 if TYPE_CHECKING:
+    from broker.listeners import ClientTransport
     from broker.server import FrontBroker
 
 log = logging.getLogger("mqtt_front.connection")
@@ -30,7 +31,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, front: FrontBroker, listener: str) -> None:
         self.front = front
         self.listener = listener
-        self.transport: asyncio.Transport | None = None
+        self.transport: ClientTransport | None = None
         self.upstream: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "?"
@@ -45,8 +46,8 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ client transport events
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A real TCP/TLS transport, or an adapter (WebSocket, PROXY protocol) shaped like one.
+        self.transport = cast("ClientTransport", transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.session = Session(self.front.session_settings, self.peer)

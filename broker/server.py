@@ -12,6 +12,7 @@ from broker.auth import Authenticator, load_users, username_problem
 from broker.config import AclConfig, Config, ConfigError
 from broker.connection import ClientConnection
 from broker.embedded import EmbeddedBroker
+from broker.listeners import start_listener
 from broker.session import AuthResult, SessionSettings
 from broker.upstream import UpstreamConnector
 
@@ -60,18 +61,10 @@ class FrontBroker:
         else:
             host, port = up.host_port
             self.upstream = UpstreamConnector(host, port, up.connect_timeout, up.url)
-        loop = asyncio.get_running_loop()
         try:
             for listener in self.config.listeners:
-                host, port = listener.host_port
                 name = listener.name
-                server = await loop.create_server(
-                    lambda name=name: ClientConnection(self, name),  # type: ignore[misc]
-                    host,
-                    port,
-                    reuse_address=True,
-                    backlog=4096,
-                )
+                server = await start_listener(self, listener)
                 self._servers.append(server)
                 sock = server.sockets[0].getsockname()
                 self.bound[name] = (sock[0], sock[1])
