@@ -24,7 +24,7 @@ mosquitto:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker acl tests bench
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
