@@ -44,10 +44,34 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ListenerTlsConfig(_Model):
+    """TLS termination on a listener (mqtts on tcp, wss on ws)."""
+
+    cert: Path
+    key: Path
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    ciphers: str | None = None
+    client_ca: Path | None = None  # verify client certificates against this CA bundle
+    require_client_cert: bool = False
+    use_identity_as_username: bool = False  # username from the certificate's CN (or a SAN); no password
+    server_names: list[str] | None = None  # SNI: a handshake for any other name fails
+
+
 class ListenerConfig(_Model):
     name: str = Field(min_length=1)
-    type: Literal["tcp"] = "tcp"
+    type: Literal["tcp", "ws"] = "tcp"
     bind: str
+    tls: ListenerTlsConfig | None = None
+    proxy_protocol: bool = False  # expect a PROXY protocol v1/v2 header from a load balancer
+    # WebSocket listeners only:
+    path: str = "/"
+    allowed_origins: list[str] | None = None
+    allowed_hosts: list[str] | None = None
+    trusted_proxies: list[str] = Field(default_factory=list)  # networks whose X-Forwarded-For is believed
+    max_frame_size: int = Field(default=1_048_576, ge=128)
+    require_subprotocol: bool = True
+    handshake_timeout: float = Field(default=10.0, gt=0)
+    compression: bool = False
 
     @field_validator("bind")
     @classmethod

@@ -286,6 +286,8 @@ def applies(rule: Rule, identity: Identity) -> bool:
 def linear_topic(
     rule_list: list[Rule], identity: Identity, values: dict[str, str], topic: str, publish: bool, retain: bool
 ) -> bool:
+    if not topic:  # an empty topic name is invalid in MQTT
+        return False
     for rule in rule_list:
         if not applies(rule, identity) or (rule.publishes if publish else rule.subscribes) is False:
             continue
@@ -349,6 +351,8 @@ def expand(
 def linear_subscribe(
     rule_list: list[Rule], identity: Identity, values: dict[str, str], topic_filter: str
 ) -> bool:
+    if not topic_filter:  # an empty filter is invalid in MQTT
+        return False
     flevels = topic_filter.split("/")
     reps = universe(rule_list, values, flevels)
     max_len = max([len(flevels), *(len(parse_pattern(r.pattern)) for r in rule_list)]) + 1
