@@ -29,7 +29,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) mosquitto
+# MQTT.js interop tests: the npm `mqtt` package pinned by tests/js/package-lock.json, run by the machine's Node.js.
+NODE_STAMP := tests/js/node_modules/.installed
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm not found: installing nodejs and npm with apt-get"; \
+		apt-get update && apt-get install -y nodejs npm; \
+	fi
+	cd tests/js && npm ci --no-audit --no-fund
+	@touch $@
+
+unit: $(STAMP) mosquitto node-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -38,4 +51,4 @@ bench: $(STAMP) mosquitto
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis tests/js/node_modules

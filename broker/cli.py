@@ -6,30 +6,20 @@ import argparse
 import asyncio
 import contextlib
 import getpass
-import json
 import logging
+import resource
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
 from broker import __version__
-from broker.config import Config, ConfigError, load_config
+from broker.config import Config, ConfigError, ListenerConfig, load_config
+from broker.logs import JsonFormatter
 
 log = logging.getLogger("mqtt_front")
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+_JsonFormatter = JsonFormatter  # JSON lines with the event fields (broker.logs.log_event)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
@@ -51,30 +41,81 @@ def _load(path: str) -> Config:
         raise SystemExit(1) from None
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, reuse_port: bool = False) -> None:
     from broker.server import FrontBroker
 
-    front = FrontBroker(config)
+    front = FrontBroker(config, reuse_port=reuse_port)
     await front.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, front.reload)  # reload TLS certificates; connections stay
     log.info("mqtt-front %s ready", __version__)
     await stop.wait()
     log.info("stopping")
     await front.stop()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    setup_logging(config.logging.level, config.logging.format)
+def _raise_fd_limit() -> None:
+    # Every client costs two sockets (client + upstream): use all the descriptors we may.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _run_loop(config: Config, reuse_port: bool) -> int:
+    """One event loop (uvloop when installed) serving until SIGINT/SIGTERM."""
+    loop_factory = None
     try:
-        asyncio.run(_serve(config))
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(config, reuse_port))
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from broker.workers import resolve_workers, run_workers
+
+    config = _load(args.config)
+    setup_logging(config.logging.level, config.logging.format)
+    try:
+        workers = resolve_workers(args.workers)
+    except ValueError as exc:
+        print(f"mqtt-front: {exc}", file=sys.stderr)
+        return 1
+    if workers > 1 and config.upstream is None:
+        print("mqtt-front: --workers > 1 needs an upstream (the embedded broker lives in one process)", file=sys.stderr)
+        return 1
+    _raise_fd_limit()
+    if workers == 1:
+        return _run_loop(config, reuse_port=False)
+    return run_workers(workers, lambda index: _run_loop(config, reuse_port=True))
+
+
+def _listener_extras(listener: ListenerConfig) -> str:
+    extras = []
+    tls = listener.tls
+    if tls is not None:
+        certs = "client certificates " + ("required" if tls.require_client_cert else "optional")
+        extras.append(f"TLS (min {tls.min_version}, {certs if tls.client_ca else 'no client certificates'}")
+        if tls.use_identity_as_username:
+            extras[-1] += ", certificate identity as username"
+        if tls.server_names:
+            extras[-1] += f", SNI {', '.join(tls.server_names)}"
+        extras[-1] += ")"
+    if listener.proxy_protocol:
+        extras.append("PROXY protocol v1/v2 header required")
+    return "".join(f", {item}" for item in extras)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -82,21 +123,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         from broker.auth import load_users
         from broker.server import build_acl
+        from broker.tls import TlsContexts
+        from broker.upstream_tls import check_upstream
 
         users = load_users(config.auth.users_file) if config.auth.users_file else {}
         engine = build_acl(config.acl)
+        TlsContexts(config.listeners)  # loads every certificate and key as `run` would
+        upstream_lines = check_upstream(config.upstream) if config.upstream is not None else []
     except ConfigError as exc:
         print(f"mqtt-front: {exc}", file=sys.stderr)
         return 1
     print(f"configuration {args.config} is valid")
     for listener in config.listeners:
-        print(f"  listener {listener.name}: {listener.type} on {listener.bind}")
+        print(f"  listener {listener.name}: {listener.type} on {listener.bind}{_listener_extras(listener)}")
     if config.upstream is None:
         print("  upstream: embedded amqtt broker on loopback (MQTT 3.1.1 clients only)")
-    else:
-        print(f"  upstream: {config.upstream.url}")
+    for line in upstream_lines:
+        print(f"  {line}")
     print(f"  auth: {len(users)} users, anonymous {'allowed' if config.auth.allow_anonymous else 'refused'}")
     print(f"  acl: preset {config.acl.preset}, {len(engine.rules)} rules in all")
+    ops = config.metrics
+    if ops is not None and ops.bind is not None:
+        print(f"  metrics: http://{ops.bind}/metrics (also /healthz, /readyz), at most {ops.max_teams} team labels")
+    else:
+        print("  metrics: off (metrics.bind not set)")
     return 0
 
 
@@ -152,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the front broker")
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    run.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes sharing the listeners (SO_REUSEPORT); 'auto' = one per CPU (default 1)",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a configuration and print what would listen where")

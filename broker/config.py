@@ -6,12 +6,13 @@ Every error names the key and the problem (``listeners.0.bind: ...``); callers p
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.codec import MQTT_MAX_PACKET
 
@@ -56,6 +57,27 @@ class ListenerTlsConfig(_Model):
     use_identity_as_username: bool = False  # username from the certificate's CN (or a SAN); no password
     server_names: list[str] | None = None  # SNI: a handshake for any other name fails
 
+    @model_validator(mode="after")
+    def _client_certs(self) -> ListenerTlsConfig:
+        for key in ("require_client_cert", "use_identity_as_username"):
+            if getattr(self, key) and self.client_ca is None:
+                raise ValueError(f"{key} needs client_ca (the CA bundle that signs client certificates)")
+        if self.server_names is not None and not all(name.strip() for name in self.server_names or [""]):
+            raise ValueError("server_names must list at least one non-empty name (omit it to accept any name)")
+        return self
+
+
+_WS_ONLY_KEYS = (
+    "path",
+    "allowed_origins",
+    "allowed_hosts",
+    "trusted_proxies",
+    "max_frame_size",
+    "require_subprotocol",
+    "handshake_timeout",  # also valid on tcp listeners with tls or proxy_protocol (TLS handshake, PROXY header)
+    "compression",
+)
+
 
 class ListenerConfig(_Model):
     name: str = Field(min_length=1)
@@ -79,36 +101,139 @@ class ListenerConfig(_Model):
         parse_hostport(value)
         return value
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in "?# ") or not value.isprintable():
+            raise ValueError(f"{value!r}: an absolute path such as / or /mqtt (no query, no spaces)")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (10.0.0.0/8, ::1)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _ws_only(self) -> ListenerConfig:
+        if self.type != "ws":
+            for key in _WS_ONLY_KEYS:
+                if key == "handshake_timeout" and (self.tls is not None or self.proxy_protocol):
+                    continue
+                if getattr(self, key) != ListenerConfig.model_fields[key].get_default(call_default_factory=True):
+                    raise ValueError(f"{key} is only valid on type: ws listeners")
+        return self
+
     @property
     def host_port(self) -> tuple[str, int]:
         return parse_hostport(self.bind)
 
 
+def _upstream_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"{value!r}: scheme must be mqtt:// (plain) or mqtts:// (TLS), then host:port")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    return value
+
+
+UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
+
+
+class UpstreamTlsConfig(_Model):
+    """TLS from the front broker to the internal broker (``mqtts://`` upstream URLs)."""
+
+    ca: Path | None = None  # CA bundle the upstream's certificate must chain to (default: the system store)
+    cert: Path | None = None  # the front broker's client certificate (brokers that require mTLS)
+    key: Path | None = None  # its private key (may be omitted if it is in the cert file)
+    server_hostname: str | None = None  # name to verify and send as SNI (default: the URL's host)
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    verify: bool = True  # false: the upstream's certificate is NOT checked (a loud warning at start-up)
+    session_resumption: bool = True  # resume TLS sessions so reconnect storms skip full handshakes
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> UpstreamTlsConfig:
+        if self.key is not None and self.cert is None:
+            raise ValueError("key is set without cert (the client certificate it belongs to)")
+        return self
+
+
 class UpstreamConfig(_Model):
-    url: str
+    url: UpstreamUrl | None = None  # one upstream; or
+    urls: list[UpstreamUrl] | None = None  # several, tried in order (failover) or in turn (round_robin)
+    strategy: Literal["failover", "round_robin"] = "failover"
+    tls: UpstreamTlsConfig | None = None
     username: str | None = None
     password: str | None = None
-    connect_timeout: float = Field(default=5.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)  # per upstream tried, TCP and TLS handshake
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme != "mqtt":
-            raise ValueError(f"{value!r}: scheme must be mqtt:// (host:port of the internal broker)")
-        if not parts.hostname:
-            raise ValueError(f"{value!r} has no host")
-        try:
-            _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"{value!r}: {exc}") from None
-        return value
+    @model_validator(mode="after")
+    def _urls(self) -> UpstreamConfig:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("give either url or urls (a list), not both and not neither")
+        urls = self.all_urls
+        if not urls:
+            raise ValueError("urls is empty")
+        if len(set(urls)) != len(urls):
+            raise ValueError("urls has duplicates")
+        schemes = {urlsplit(u).scheme for u in urls}
+        if len(schemes) > 1:
+            raise ValueError(
+                "urls mixes mqtt:// and mqtts://: a plain upstream in a TLS list would silently "
+                "downgrade the internal traffic; use one scheme for all"
+            )
+        if self.tls is not None and schemes == {"mqtt"}:
+            raise ValueError("tls is set but the upstream URLs are plain mqtt://; use mqtts://")
+        return self
+
+    @property
+    def all_urls(self) -> list[str]:
+        return [self.url] if self.url is not None else list(self.urls or [])
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.all_urls[0]).scheme == "mqtts"
+
+    @property
+    def endpoints(self) -> list[tuple[str, str, int]]:
+        """(url, host, port) of every upstream, in the configured order."""
+        out = []
+        for url in self.all_urls:
+            parts = urlsplit(url)
+            assert parts.hostname is not None
+            out.append((url, parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)))
+        return out
 
     @property
     def host_port(self) -> tuple[str, int]:
-        parts = urlsplit(self.url)
-        assert parts.hostname is not None
-        return parts.hostname, parts.port or 1883
+        _, host, port = self.endpoints[0]
+        return host, port
+
+
+def _resolve_upstream_paths(config: Config, base_dir: Path) -> Config:
+    """Relative upstream.tls file paths are relative to the configuration file's folder."""
+    up = config.upstream
+    if up is None or up.tls is None:
+        return config
+    tls = up.tls
+    update = {
+        name: base_dir / path
+        for name in ("ca", "cert", "key")
+        if (path := getattr(tls, name)) is not None and not path.is_absolute()
+    }
+    if not update:
+        return config
+    upstream = up.model_copy(update={"tls": tls.model_copy(update=update)})
+    return config.model_copy(update={"upstream": upstream})
 
 
 class LimitsConfig(_Model):
@@ -142,6 +267,26 @@ class LoggingConfig(_Model):
     format: Literal["text", "json"] = "text"
 
 
+class MetricsConfig(_Model):
+    """Prometheus /metrics, /healthz and /readyz on one HTTP port (off unless ``bind`` is set)."""
+
+    bind: str | None = None  # host:port of the HTTP endpoint
+    max_teams: int = Field(default=1000, ge=1)  # distinct team labels; later teams are counted as "_other"
+    ready_window: float = Field(default=10.0, gt=0)  # an upstream connect this recent makes /readyz ready
+    probe_interval: float = Field(default=2.0, gt=0)  # otherwise a TCP probe of the upstream, at most this often
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hostport(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        return parse_hostport(self.bind) if self.bind is not None else None
+
+
 class Config(_Model):
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
     upstream: UpstreamConfig | None = None
@@ -149,6 +294,7 @@ class Config(_Model):
     auth: AuthConfig = AuthConfig()
     acl: AclConfig = AclConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig | None = None
 
     @model_validator(mode="after")
     def _unique_listeners(self) -> Config:
@@ -156,7 +302,7 @@ class Config(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"listener names must be unique: {', '.join(dupes)}")
-        binds = [item.bind for item in self.listeners]
+        binds = [item.bind for item in self.listeners if item.host_port[1] != 0]  # port 0: any free port
         dupes = sorted({b for b in binds if binds.count(b) > 1})
         if dupes:
             raise ValueError(f"two listeners bind the same address: {', '.join(dupes)}")
@@ -185,7 +331,26 @@ def parse_config(data: Any, base_dir: Path | None = None) -> Config:
     if users_file is not None and not users_file.is_absolute() and base_dir is not None:
         auth = config.auth.model_copy(update={"users_file": base_dir / users_file})
         config = config.model_copy(update={"auth": auth})
+    if base_dir is not None:
+        config = _resolve_upstream_paths(config, base_dir)
+        config = _resolve_listener_tls_paths(config, base_dir)
     return config
+
+
+def _resolve_listener_tls_paths(config: Config, base_dir: Path) -> Config:
+    """Relative listener tls cert/key/client_ca paths are relative to the configuration file's folder."""
+    listeners = []
+    for listener in config.listeners:
+        tls = listener.tls
+        update = {
+            name: base_dir / path
+            for name in ("cert", "key", "client_ca")
+            if tls is not None and (path := getattr(tls, name)) is not None and not path.is_absolute()
+        }
+        if tls is not None and update:
+            listener = listener.model_copy(update={"tls": tls.model_copy(update=update)})
+        listeners.append(listener)
+    return config.model_copy(update={"listeners": listeners})
 
 
 def load_config(path: str | Path) -> Config:

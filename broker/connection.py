@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from broker.codec import encode_disconnect
 from broker.session import Authenticate, Close, OpenUpstream, Session, State
+from broker.tls import peer_identity
 
 if TYPE_CHECKING:
     from broker.listeners import ClientTransport
@@ -146,7 +147,12 @@ class ClientConnection(asyncio.Protocol):
         task.add_done_callback(self._tasks.discard)
 
     async def _authenticate(self, action: Authenticate) -> None:
-        result = await self.front.authorize(action.username, action.password, action.client_id, self.peer)
+        if self.front.tls.identity_as_username(self.listener):
+            # The verified client certificate is the identity: CONNECT's username/password are ignored.
+            identity = peer_identity(self.transport)
+            result = await self.front.authorize_identity(identity, action.client_id, self.peer)
+        else:
+            result = await self.front.authorize(action.username, action.password, action.client_id, self.peer)
         if self.session is not None and not self._closed:
             self.session.auth_done(result)
             self._pump()
@@ -178,6 +184,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self.session is not None and self.session.state is State.WAIT_CONNECT:
             log.info("no CONNECT from %s within %.0fs", self.peer, self.front.config.limits.connect_timeout)
+            self.session.stats.connect_result = "limit"
             self._shutdown("connect timeout")
 
     def _cancel_timer(self) -> None:
@@ -209,23 +216,3 @@ class ClientConnection(asyncio.Protocol):
             task.cancel()
         self.front.connection_closed(self, reason, time.monotonic() - self._started)
 
-
-class UpstreamConnection(asyncio.Protocol):
-    """The front broker's connection to the internal broker on behalf of one client."""
-
-    __slots__ = ("client",)
-
-    def __init__(self, client: ClientConnection) -> None:
-        self.client = client
-
-    def data_received(self, data: bytes) -> None:
-        self.client.upstream_data(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.upstream_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.client.upstream_pause_writing()
-
-    def resume_writing(self) -> None:
-        self.client.upstream_resume_writing()

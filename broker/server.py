@@ -12,8 +12,12 @@ from broker.auth import Authenticator, load_users, username_problem
 from broker.config import AclConfig, Config, ConfigError
 from broker.connection import ClientConnection
 from broker.embedded import EmbeddedBroker
+from broker.http import OpsServer, Readiness
 from broker.listeners import start_listener
+from broker.logs import log_event
+from broker.metrics import Metrics
 from broker.session import AuthResult, SessionSettings
+from broker.tls import TlsContexts
 from broker.upstream import UpstreamConnector
 
 log = logging.getLogger("mqtt_front.server")
@@ -33,11 +37,14 @@ def build_acl(config: AclConfig) -> AclEngine:
 
 
 class FrontBroker:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # several worker processes share the listening sockets
         users = load_users(config.auth.users_file) if config.auth.users_file else {}
         self.authenticator = Authenticator(users, config.auth.allow_anonymous, config.auth.cache_ttl)
         self.acl = build_acl(config.acl)
+        # Loads every listener's certificate and key: a ConfigError here comes before anything listens.
+        self.tls = TlsContexts(config.listeners)
         up = config.upstream
         self.session_settings = SessionSettings(
             max_packet_size=config.limits.max_packet_size,
@@ -51,16 +58,21 @@ class FrontBroker:
         self.upstream: UpstreamConnector
         self.bound: dict[str, tuple[str, int]] = {}
         self._servers: list[asyncio.Server] = []
+        ops = config.metrics
+        self.metrics = Metrics(ops.max_teams if ops else 1000, [item.name for item in config.listeners])
+        self.readiness = Readiness(self, ops.ready_window, ops.probe_interval) if ops else Readiness(self)
+        self.ops: OpsServer | None = None  # the /metrics, /healthz, /readyz endpoint when metrics.bind is set
 
     async def start(self) -> None:
         up = self.config.upstream
         if up is None:
             self.embedded = EmbeddedBroker()
             await self.embedded.start()
-            self.upstream = UpstreamConnector(self.embedded.host, self.embedded.port, 5.0, "embedded amqtt")
+            self.upstream = UpstreamConnector.single(self.embedded.host, self.embedded.port, 5.0, "embedded amqtt")
         else:
-            host, port = up.host_port
-            self.upstream = UpstreamConnector(host, port, up.connect_timeout, up.url)
+            # Loads upstream.tls files: a ConfigError here comes before anything listens.
+            self.upstream = UpstreamConnector.from_config(up)
+        self.metrics.watch(self.connections, self.upstream)
         try:
             for listener in self.config.listeners:
                 name = listener.name
@@ -73,8 +85,36 @@ class FrontBroker:
             await self.stop()
             raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
         log.info("forwarding to %s", self.upstream.label)
+        self.tls.start()  # reload certificates when their files change
+        await self._start_ops()
+
+    async def _start_ops(self) -> None:
+        ops = self.config.metrics
+        address = ops.host_port if ops is not None else None
+        if address is None:
+            return
+        self.ops = OpsServer(self, self.readiness)
+        try:
+            host, port = await self.ops.start(address[0], address[1], self.reuse_port)
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(f"cannot listen on metrics.bind: {exc.strerror or exc}") from None
+        log.info("metrics, health and readiness on http://%s:%d (/metrics, /healthz, /readyz)", host, port)
+
+    @property
+    def listening(self) -> bool:
+        """Every configured listener is bound and serving."""
+        return len(self.bound) == len(self.config.listeners) and all(s.is_serving() for s in self._servers)
+
+    def reload(self) -> bool:
+        """SIGHUP: reload the listeners' TLS certificates (new handshakes only; connections stay)."""
+        return self.tls.reload()
 
     async def stop(self) -> None:
+        await self.tls.stop()
+        if self.ops is not None:
+            await self.ops.stop()
+            self.ops = None
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
@@ -86,11 +126,29 @@ class FrontBroker:
             await self.embedded.stop()
         self.authenticator.close()
 
+    async def authorize_identity(self, username: str | None, client_id: str, peer: str) -> AuthResult:
+        """A verified client certificate's identity as the username (``use_identity_as_username``).
+
+        There is no password: the TLS handshake proved the identity. No certificate (a
+        ``require_client_cert: false`` listener) or an unusable name is refused as not authorized.
+        """
+        problem = "no client certificate" if username is None else username_problem(username)
+        if problem is not None:
+            log_event(
+                log, logging.INFO, "connect_refused", peer=peer, user=username, client=client_id,
+                result="not_authorized", reason=f"certificate identity: {problem}",
+            )
+            return AuthResult(False)
+        identity = parse_identity(username)
+        self.metrics.teams.label(identity.team)
+        policy = self.acl.for_client(identity, client_id)
+        return AuthResult(True, username, policy, identity.team)
+
     async def authorize(self, username: str | None, password: bytes | None, client_id: str, peer: str) -> AuthResult:
         if username is not None and (problem := username_problem(username)) is not None:
             # Fail closed even if a future auth backend accepts such a name: to the client
             # it is simply an unknown user.
-            log.warning("connect_refused peer=%s user=%r reason=unusable_username (%s)", peer, username, problem)
+            log.warning("unusable username from %s (%s): refused as bad credentials", peer, problem)
             return AuthResult(False, bad_credentials=True)
         try:
             verdict = await self.authenticator.check(username, password)
@@ -98,28 +156,31 @@ class FrontBroker:
             log.exception("authentication error for %s", peer)
             return AuthResult(False)
         if not verdict.ok:
-            log.info(
-                "connect_refused peer=%s user=%r client=%r reason=%s",
-                peer,
-                username,
-                client_id,
-                "bad_credentials" if verdict.bad_credentials else "not_authorized",
-            )
+            # The session logs the connect_refused event (one line per refusal).
             return AuthResult(False, bad_credentials=verdict.bad_credentials)
         identity = parse_identity(username)
+        self.metrics.teams.label(identity.team)  # team labels go to teams in the order they first authenticate
         policy = self.acl.for_client(identity, client_id)
         return AuthResult(True, username, policy, identity.team)
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        self.metrics.connection_opened(conn.listener)
 
     def connection_closed(self, conn: ClientConnection, reason: str, duration: float) -> None:
         self.connections.discard(conn)
         session = conn.session
-        log.info(
-            "disconnect peer=%s client=%r reason=%s duration=%.1fs",
-            conn.peer,
-            session.client_id if session else None,
-            reason,
-            duration,
+        if session is not None:
+            self.metrics.connection_closed(conn.listener, session.team, session.stats)
+        log_event(
+            log,
+            logging.INFO,
+            "disconnect",
+            peer=conn.peer,
+            user=session.username if session else None,
+            client=session.client_id if session else None,
+            team=session.team if session else None,
+            listener=conn.listener,
+            reason=reason,
+            duration=round(duration, 3),
         )

@@ -24,6 +24,7 @@ from broker.codec import (
     PacketType,
     Subscribe,
     UnsupportedProtocol,
+    body_start,
     check_fixed_flags,
     decode_ack,
     decode_connack,
@@ -41,7 +42,8 @@ from broker.codec import (
     encode_suback,
     encode_subscribe,
 )
-from broker.errors import MalformedPacket, ProtocolError, ProtocolViolation, TopicAliasInvalid
+from broker.errors import MalformedPacket, PacketTooLarge, ProtocolError, ProtocolViolation, TopicAliasInvalid
+from broker.logs import DenyLogLimiter, explain_rule, log_event
 from broker.properties import Prop
 from broker.stats import Stats
 
@@ -155,11 +157,14 @@ class Session:
         "_client_denied_qos2",
         "_client_framer",
         "_connect",
-        "_deny_logged",
+        "_deny_log",
         "_early",
         "_held_acks",
         "_inflight",
         "_pending_subacks",
+        "_publish_ok",
+        "_publish_ok_retained",
+        "_receive_ok",
         "_seq",
         "_upstream_dropped_qos2",
         "_upstream_framer",
@@ -207,7 +212,11 @@ class Session:
         self._seq = 0
         self._upstream_dropped_qos2: set[int] = set()
         self._pending_subacks: dict[int, _PendingSuback] = {}
-        self._deny_logged = 0
+        # Raw topic bytes already validated and allowed: the hot paths skip decoding and ACL walks.
+        self._publish_ok: set[bytes] = set()
+        self._publish_ok_retained: set[bytes] = set()
+        self._receive_ok: set[bytes] = set()
+        self._deny_log: DenyLogLimiter | None = None  # created on the first denial
         self._early = b""
 
     # ------------------------------------------------------------------ helpers
@@ -229,29 +238,51 @@ class Session:
     def _protocol_error(self, exc: ProtocolError, side: str) -> None:
         log.info("protocol error from %s %s: %s", side, self.peer, exc)
         self.stats.protocol_errors += 1
+        if self.state is not State.ESTABLISHED and not self.stats.connect_result:
+            self.stats.connect_result = "limit" if isinstance(exc, PacketTooLarge) else "protocol_error"
         if self.v5 and self.state is State.ESTABLISHED:
             self.out_client.append(encode_disconnect(exc.reason_code))
         self._close(f"protocol error ({side}): {exc}")
 
-    def _refuse_connect(self, v3_code: int, v5_code: int, reason: str) -> None:
-        log.info("connect refused for %s: %s", self.peer, reason)
+    def _refuse_connect(self, v3_code: int, v5_code: int, reason: str, result: str = "protocol_error") -> None:
+        if not self.stats.connect_result:
+            self.stats.connect_result = result
+        log_event(
+            log,
+            logging.INFO,
+            "connect_refused",
+            peer=self.peer,
+            user=self.username if self.username is not None else (self._connect.username if self._connect else None),
+            client=self.client_id,
+            result=result,
+            reason=reason,
+        )
         code = v5_code if self.v5 else v3_code
         self.out_client.append(encode_connack(self.v5, False, code))
         self._close(f"connect refused: {reason}")
 
-    def _log_deny(self, what: str, topic: str) -> None:
-        # Bounded per session so one abusive client cannot flood the log.
-        self._deny_logged += 1
-        n = self._deny_logged
-        if n <= 10 or n % 1000 == 0:
-            log.info(
-                "deny %s user=%r client=%r topic=%r (%d denials this session)",
-                what,
-                self.username,
-                self.client_id,
-                topic,
-                n,
-            )
+    def _log_deny(self, what: str, topic: str, retain: bool = False) -> None:
+        # Rate-limited per session so one abusive client cannot flood the log; the next
+        # line that goes out tells how many were suppressed.
+        limiter = self._deny_log
+        if limiter is None:
+            limiter = self._deny_log = DenyLogLimiter()
+        if not limiter.allow() or not log.isEnabledFor(logging.INFO):
+            return
+        suppressed = limiter.take_suppressed()
+        log_event(
+            log,
+            logging.INFO,
+            "deny",
+            action=what,
+            topic=topic,
+            rule=explain_rule(self.policy, what, topic, retain) if self.policy is not None else None,
+            user=self.username,
+            client=self.client_id,
+            team=self.team,
+            peer=self.peer,
+            suppressed=suppressed or None,
+        )
 
     # ------------------------------------------------------------------ client side
 
@@ -282,6 +313,7 @@ class Session:
         end = ends[0]
         if chunk[0] >> 4 != PacketType.CONNECT:
             raise ProtocolViolation("first packet is not CONNECT")
+        self.stats.packets_in[PacketType.CONNECT] += 1
         # Peek at the level so that CONNECT errors can be answered in the right version.
         self.v5 = _peek_level(chunk, end) == 5
         try:
@@ -297,6 +329,7 @@ class Session:
             else:
                 self._close(f"malformed CONNECT: {exc}")
                 log.info("malformed CONNECT from %s: %s", self.peer, exc)
+                self.stats.connect_result = "protocol_error"
             self.stats.protocol_errors += 1
             return
         self._connect = connect
@@ -328,26 +361,31 @@ class Session:
         connect = self._connect
         if not result.ok or result.policy is None:
             self.stats.auth_failures += 1
+            self.stats.denied_connect += 1
             if result.bad_credentials:
-                self._refuse_connect(V3_BAD_CREDENTIALS, V5_BAD_CREDENTIALS, "bad username or password")
+                self._refuse_connect(
+                    V3_BAD_CREDENTIALS, V5_BAD_CREDENTIALS, "bad username or password", "bad_credentials"
+                )
             else:
-                self._refuse_connect(V3_NOT_AUTHORIZED, V5_NOT_AUTHORIZED, "not authorized")
+                self._refuse_connect(V3_NOT_AUTHORIZED, V5_NOT_AUTHORIZED, "not authorized", "not_authorized")
             return
         self.username = result.username
         self.policy = result.policy
         self.team = result.team
         upstream_id = self._map_client_id(connect.client_id, result.username)
         if upstream_id is None:
+            self.stats.denied_connect += 1
             self._refuse_connect(
                 V3_IDENTIFIER_REJECTED,
                 V5_CLIENT_ID_INVALID,
                 f"client id {connect.client_id!r} must be the username or start with '<username>:'",
+                "not_authorized",
             )
             return
         if connect.will is not None and not result.policy.check_publish(connect.will.topic, connect.will.retain):
             self.stats.denied_will += 1
-            self._log_deny("will", connect.will.topic)
-            self._refuse_connect(V3_NOT_AUTHORIZED, V5_NOT_AUTHORIZED, "will topic not allowed")
+            self._log_deny("will", connect.will.topic, connect.will.retain)
+            self._refuse_connect(V3_NOT_AUTHORIZED, V5_NOT_AUTHORIZED, "will topic not allowed", "not_authorized")
             return
         self.upstream_client_id = upstream_id
         self.state = State.CONNECTING_UPSTREAM
@@ -397,7 +435,9 @@ class Session:
     def upstream_failed(self, reason: str) -> None:
         if self.state in (State.CONNECTING_UPSTREAM, State.WAIT_CONNACK):
             self.stats.upstream_failures += 1
-            self._refuse_connect(V3_SERVER_UNAVAILABLE, V5_SERVER_UNAVAILABLE, f"upstream unavailable: {reason}")
+            self._refuse_connect(
+                V3_SERVER_UNAVAILABLE, V5_SERVER_UNAVAILABLE, f"upstream unavailable: {reason}", "upstream_unavailable"
+            )
         elif self.state is State.ESTABLISHED:
             if self.v5:
                 self.out_client.append(encode_disconnect(V5_UNSPECIFIED, "upstream connection lost"))
@@ -409,12 +449,14 @@ class Session:
         """Route client packets; allowed ones are forwarded as runs of original bytes."""
         out = self.out_upstream
         stats = self.stats
+        packets = stats.packets_in
         v5 = self.v5
         run = start
         try:
             for end in ends:
                 first = chunk[start]
                 ptype = first >> 4
+                packets[ptype] += 1
                 if ptype == _PUBLISH:
                     stats.msgs_in += 1
                     stats.bytes_in += end - start
@@ -463,6 +505,24 @@ class Session:
 
     def _client_publish(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
         """None = forward the original bytes; b"" = drop; other bytes = forward these instead."""
+        # Fast path: a topic whose raw bytes were validated and allowed before needs no decoding
+        # and no ACL walk (v5: only without properties). Everything else takes the full path below.
+        first = chunk[start]
+        qos = (first >> 1) & 3
+        pos = start + 2 if chunk[start + 1] < 0x80 else body_start(chunk, start)
+        if pos + 2 <= end and qos != 3 and (qos or not first & 8):
+            stop = pos + 2 + ((chunk[pos] << 8) | chunk[pos + 1])
+            after = stop + 2 if qos else stop
+            if (after + 1 <= end and chunk[after] == 0) if v5 else after <= end:
+                cache = self._publish_ok_retained if first & 1 else self._publish_ok
+                if chunk[pos + 2 : stop] in cache:
+                    if not qos:
+                        return None
+                    packet_id = (chunk[stop] << 8) | chunk[stop + 1]
+                    if packet_id:
+                        self._seq += 1
+                        self._inflight[packet_id] = self._seq
+                        return None
         pub = decode_publish(chunk, start, end, v5)
         topic = pub.topic
         rewritten = False
@@ -506,6 +566,7 @@ class Session:
             self._seq += 1
             self._inflight[pub.packet_id] = self._seq
         if not rewritten:
+            _remember(self._publish_ok_retained if pub.retain else self._publish_ok, topic.encode())
             return None
         assert props is not None
         props = dict(props)
@@ -577,6 +638,7 @@ class Session:
             if self.state is State.ESTABLISHED and self.v5:
                 self.out_client.append(encode_disconnect(V5_UNSPECIFIED))
             elif self.state is State.WAIT_CONNACK:
+                self.stats.connect_result = "upstream_unavailable"
                 self.out_client.append(
                     encode_connack(self.v5, False, V5_SERVER_UNAVAILABLE if self.v5 else V3_SERVER_UNAVAILABLE)
                 )
@@ -586,6 +648,7 @@ class Session:
         end = ends[0]
         if chunk[0] >> 4 != PacketType.CONNACK:
             raise ProtocolViolation("upstream did not answer CONNECT with CONNACK")
+        self.stats.packets_out[PacketType.CONNACK] += 1
         check_fixed_flags(chunk[0], self.v5)
         connack = decode_connack(chunk, 0, end, self.v5)
         code = connack.reason_code
@@ -598,9 +661,12 @@ class Session:
                 code,
             )
             self.stats.upstream_failures += 1
-            self._refuse_connect(V3_SERVER_UNAVAILABLE, V5_SERVER_UNAVAILABLE, "upstream refused credentials")
+            self._refuse_connect(
+                V3_SERVER_UNAVAILABLE, V5_SERVER_UNAVAILABLE, "upstream refused credentials", "upstream_unavailable"
+            )
             return
         if code:
+            self.stats.connect_result = "upstream_unavailable"
             self.out_client.append(chunk[:end])
             self._close(f"upstream refused connect with 0x{code:02x}")
             return
@@ -620,12 +686,16 @@ class Session:
         self.out_client.append(packet)
         self.state = State.ESTABLISHED
         self.stats.connects_ok += 1
-        log.info(
-            "connect peer=%s user=%r client=%r v%s",
-            self.peer,
-            self.username,
-            self.client_id,
-            "5" if self.v5 else "3.1.1",
+        self.stats.connect_result = "ok"
+        log_event(
+            log,
+            logging.INFO,
+            "connect",
+            peer=self.peer,
+            user=self.username,
+            client=self.client_id,
+            team=self.team,
+            protocol="5" if self.v5 else "3.1.1",
         )
         if len(ends) > 1:
             self._upstream_packets(chunk, ends[1:], end)
@@ -637,12 +707,13 @@ class Session:
     def _upstream_packets(self, chunk: bytes, ends: list[int], start: int) -> None:
         """Route upstream packets; deliveries the client may not read are dropped here."""
         out = self.out_client
-        stats = self.stats
+        packets = self.stats.packets_out
         v5 = self.v5
         run = start
         try:
             for end in ends:
                 ptype = chunk[start] >> 4
+                packets[ptype] += 1
                 replacement: bytes | None = None
                 if ptype == _PUBLISH:
                     replacement = self._upstream_publish(chunk, start, end, v5)
@@ -684,8 +755,6 @@ class Session:
                     if replacement:
                         out.append(replacement)
                     run = end
-                else:
-                    stats.bytes_out += end - start
                 start = end
         except ProtocolError:
             # Packets before the bad one were valid: they still go out.
@@ -706,10 +775,22 @@ class Session:
         del held[:i]
 
     def _upstream_publish(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
+        # Fast path: a delivery topic (raw bytes) this client was allowed to read before.
+        pos = start + 2 if chunk[start + 1] < 0x80 else body_start(chunk, start)
+        if pos + 2 <= end:
+            stop = pos + 2 + ((chunk[pos] << 8) | chunk[pos + 1])
+            if stop <= end and chunk[pos + 2 : stop] in self._receive_ok:
+                stats = self.stats
+                stats.msgs_out += 1
+                stats.bytes_out += end - start
+                return None
         pub = decode_publish(chunk, start, end, v5)
         policy = self.policy
         if policy is not None and policy.check_receive(pub.topic):
-            self.stats.msgs_out += 1
+            _remember(self._receive_ok, pub.topic.encode())
+            stats = self.stats
+            stats.msgs_out += 1
+            stats.bytes_out += end - start
             return None
         self.stats.denied_deliver += 1
         self._log_deny("deliver", pub.topic)
@@ -731,6 +812,15 @@ class Session:
         upstream_codes = iter(suback.reason_codes)
         codes = [next(upstream_codes, V5_UNSPECIFIED) if c is None else c for c in pending.codes]
         return encode_suback(self.v5, suback.packet_id, codes, suback.properties)
+
+
+_ALLOWED_CACHE_SIZE = 1024
+
+
+def _remember(allowed: set[bytes], raw_topic: bytes) -> None:
+    if len(allowed) >= _ALLOWED_CACHE_SIZE:
+        allowed.clear()  # a cheap bound: a hot working set refills at once
+    allowed.add(raw_topic)
 
 
 def _peek_level(buf: bytes, end: int) -> int:

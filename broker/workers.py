@@ -1,0 +1,72 @@
+"""Several worker processes sharing the listening sockets (SO_REUSEPORT), one event loop each.
+
+mqtt-front is stateless per connection, so workers need no coordination: the kernel spreads
+new connections over them. The parent only starts, watches and stops them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+log = logging.getLogger("mqtt_front.workers")
+
+
+def resolve_workers(value: str) -> int:
+    """``auto`` = one worker per CPU; otherwise a positive integer."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) or 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"--workers must be a positive integer or 'auto', not {value!r}") from None
+    if count < 1:
+        raise ValueError(f"--workers must be at least 1, not {count}")
+    return count
+
+
+def run_workers(count: int, target: Callable[[int], int]) -> int:
+    """Run ``target(index)`` in ``count`` forked processes until a signal or a worker failure."""
+    ctx = multiprocessing.get_context("fork")
+    procs: list[BaseProcess] = []
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            stopping = True
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for index in range(count):
+        child = ctx.Process(target=_child, args=(target, index), name=f"mqtt-front-worker-{index}")
+        child.start()
+        procs.append(child)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    log.info("started %d workers: %s", count, ", ".join(str(p.pid) for p in procs))
+    code = 0
+    while any(p.is_alive() for p in procs):
+        for proc in procs:
+            if not proc.is_alive() and proc.exitcode not in (0, None) and not stopping:
+                log.error("worker %s exited with %s: stopping the others", proc.name, proc.exitcode)
+                code = 1
+                forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    if any(p.exitcode not in (0, None) for p in procs) and not stopping:
+        code = 1
+    return code
+
+
+def _child(target: Callable[[int], int], index: int) -> None:
+    # The parent's handlers must not run here; the worker installs its own in its event loop.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    raise SystemExit(target(index))
