@@ -1,0 +1,213 @@
+"""Several upstreams: failover in order, round robin, unreachable upstreams are "server unavailable"
+(never a hang), and the `upstream` configuration rules (url/urls, schemes, tls)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from broker.config import ConfigError, load_config, parse_config
+from broker.server import FrontBroker
+from tests.conftest import Mosquitto, free_port, front_port, start_mosquitto
+from tests.test_e2e_isolation import VERSIONS, Raw, connack_code, connect_ok, tag
+from tests.upstream_helpers import Pki, make_pki, mosquitto_log, mqtts, pki_directory, start_tls_mosquitto
+
+
+@pytest.fixture(scope="module")
+def second_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto-b"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[Pki]:
+    with pki_directory() as directory:
+        yield make_pki(directory)
+
+
+def dead_url(scheme: str = "mqtt") -> str:
+    return f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+
+
+async def round_trip(port: int, v5: bool) -> None:
+    sub = await connect_ok(port, "project:team1:p1", v5)
+    pub = await connect_ok(port, "project:team1:p2", v5)
+    topic = f"ff/v1/team1/p/p1/in/{tag()}"
+    assert await sub.subscribe("ff/v1/team1/p/p1/in/#", qos=1) == [1]
+    assert await pub.publish(topic, b"hello", qos=1) == 0
+    assert (await sub.next_message()).topic == topic
+    await pub.disconnect()
+    await sub.disconnect()
+
+
+def upstream_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mqtt_front.upstream"]
+
+
+# -- plain upstreams, one or several ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+@pytest.mark.parametrize("form", ["url", "urls"])
+async def test_plain_upstream_as_url_or_single_element_list(
+    make_front: Any, mosquitto: Mosquitto, v5: bool, form: str
+) -> None:
+    upstream = {"url": mosquitto.url} if form == "url" else {"urls": [mosquitto.url]}
+    front: FrontBroker = await make_front(upstream=upstream)
+    await round_trip(front_port(front), v5)
+    assert [t.tls for t in front.upstream.targets] == [False]
+
+
+async def test_failover_to_the_second_upstream(
+    make_front: Any, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = dead_url()
+    front: FrontBroker = await make_front(upstream={"urls": [dead, mosquitto.url]})
+    first, second = front.upstream.targets
+    with caplog.at_level(logging.INFO):
+        await round_trip(front_port(front), True)
+    assert first.failures == 1  # tried once; then it is tried last for a while
+    assert second.last_ok is not None and second.failures == 0
+    lines = upstream_lines(caplog)
+    assert any(f"upstream={dead}" in m and "connection refused" in m and "trying the next upstream" in m
+               for m in lines), lines
+    # The dead upstream comes back: it is first in the list again once its retry delay passes.
+    first.last_failure = time.monotonic() - 60
+    assert front.upstream.order() == [first, second]
+
+
+async def test_failover_skips_an_upstream_with_a_bad_certificate(
+    make_front: Any, pki: Pki, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    expired = start_tls_mosquitto(tmp_path_factory.mktemp("expired"), pki, expired=True)
+    good = start_tls_mosquitto(tmp_path_factory.mktemp("good"), pki)
+    try:
+        upstream = {"urls": [mqtts(expired), mqtts(good)], "tls": {"ca": str(pki.ca)}}
+        with caplog.at_level(logging.INFO):
+            front: FrontBroker = await make_front(upstream=upstream)
+            await round_trip(front_port(front), False)
+        assert any(f"upstream={mqtts(expired)}" in m and "certificate has expired" in m for m in upstream_lines(caplog))
+        assert front.upstream.targets[1].handshakes >= 2
+    finally:
+        expired.stop()
+        good.stop()
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_no_upstream_reachable_is_server_unavailable(
+    make_front: Any, v5: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    front: FrontBroker = await make_front(upstream={"urls": [dead_url(), dead_url()], "connect_timeout": 1})
+    with caplog.at_level(logging.INFO):
+        async with asyncio.timeout(5):
+            client, code, _ = await Raw.open(front_port(front), "project:team1:p1", v5=v5)
+            await client.wait_closed()
+    assert code == connack_code(v5, v5_code=0x88, v3_code=0x03)
+    assert [t.failures for t in front.upstream.targets] == [1, 1]
+    assert front.upstream.failures == 1
+    assert any("no upstream available" in m for m in upstream_lines(caplog))
+
+
+async def test_silent_tls_upstream_times_out(make_front: Any, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """A TCP peer that accepts and never answers the ClientHello: the connect timeout applies."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"mqtts://127.0.0.1:{port}"
+        front: FrontBroker = await make_front(
+            upstream={"url": url, "connect_timeout": 0.5, "tls": {"ca": str(pki.ca)}}
+        )
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO):
+            client, code, _ = await Raw.open(front_port(front), "project:team1:p1", v5=True)
+        assert code == 0x88 and 0.4 < time.monotonic() - started < 3
+        await client.close()
+        assert accepted and any(f"upstream={url}" in m and "timed out" in m for m in upstream_lines(caplog))
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_round_robin_spreads_connections(
+    make_front: Any, mosquitto: Mosquitto, second_mosquitto: Mosquitto
+) -> None:
+    front: FrontBroker = await make_front(
+        upstream={"urls": [mosquitto.url, second_mosquitto.url], "strategy": "round_robin"}
+    )
+    port = front_port(front)
+    marker = tag()
+    clients = [await connect_ok(port, "project:team1:p1", True, client_id=f"project:team1:p1:{marker}-{i}")
+               for i in range(4)]
+    assert [t.open for t in front.upstream.targets] == [2, 2]
+    for broker in (mosquitto, second_mosquitto):
+        assert mosquitto_log(broker).count(f"as project:team1:p1:{marker}-") == 2
+    for client in clients:
+        await client.disconnect()
+    async with asyncio.timeout(5):
+        while front.upstream.open:
+            await asyncio.sleep(0.02)
+    assert [t.open for t in front.upstream.targets] == [0, 0]
+
+
+# -- configuration ---------------------------------------------------------------------------------------
+
+
+def _config(upstream: dict[str, Any]) -> None:
+    parse_config({"listeners": [{"name": "mqtt", "bind": "127.0.0.1:0"}], "upstream": upstream})
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        ({"urls": ["mqtt://a:1883", "mqtts://b:8883"]}, "upstream: urls mixes mqtt:// and mqtts://"),
+        ({"urls": ["mqtts://a:8883", "mqtt://b:1883"], "tls": {}}, "upstream: urls mixes mqtt:// and mqtts://"),
+        ({"url": "mqtt://a:1883", "tls": {"ca": "ca.pem"}}, "upstream: tls is set but the upstream URLs are plain"),
+        ({"url": "mqtt://a:1883", "urls": ["mqtt://a:1883"]}, "upstream: give either url or urls"),
+        ({}, "upstream: give either url or urls"),
+        ({"urls": []}, "upstream: urls is empty"),
+        ({"urls": ["mqtt://a:1", "mqtt://a:1"]}, "upstream: urls has duplicates"),
+        ({"urls": ["mqtt://a:1", "http://b:2"]}, "upstream.urls.1: 'http://b:2': scheme must be mqtt://"),
+        ({"url": "mqtts://:8883"}, "upstream.url: 'mqtts://:8883' has no host"),
+        ({"url": "mqtt://a:1", "strategy": "random"}, "upstream.strategy: "),
+        ({"url": "mqtts://a:1", "tls": {"min_version": "TLSv1.1"}}, "upstream.tls.min_version: "),
+        ({"url": "mqtts://a:1", "tls": {"key": "k.pem"}}, "upstream.tls: key is set without cert"),
+    ],
+    ids=["mixed", "mixed-tls", "tls-on-plain", "url-and-urls", "neither", "empty", "duplicates", "scheme",
+         "no-host", "strategy", "min-version", "key-alone"],
+)
+def test_upstream_config_errors(upstream: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config(upstream)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_upstream_config_defaults_and_relative_paths(tmp_path: Path) -> None:
+    path = tmp_path / "front.yaml"
+    path.write_text(yaml.safe_dump({
+        "listeners": [{"name": "mqtt", "bind": "127.0.0.1:0"}],
+        "upstream": {"urls": ["mqtts://a.internal", "mqtts://b.internal:9883"],
+                     "tls": {"ca": "pki/ca.pem", "cert": "/abs/front.pem", "key": "pki/front.key"}},
+    }))
+    up = load_config(path).upstream
+    assert up is not None and up.tls is not None
+    assert up.endpoints == [("mqtts://a.internal", "a.internal", 8883), ("mqtts://b.internal:9883", "b.internal", 9883)]
+    assert (up.strategy, up.uses_tls, up.tls.verify, up.tls.min_version) == ("failover", True, True, "TLSv1.2")
+    assert (up.tls.ca, up.tls.cert, up.tls.key) == (tmp_path / "pki/ca.pem", Path("/abs/front.pem"),
+                                                    tmp_path / "pki/front.key")
+    plain = parse_config({"listeners": [{"name": "m", "bind": "127.0.0.1:0"}], "upstream": {"url": "mqtt://h"}})
+    assert plain.upstream is not None and plain.upstream.endpoints == [("mqtt://h", "h", 1883)]
