@@ -20,7 +20,7 @@ run: $(STAMP)
 mosquitto:
 	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto || ! command -v mosquitto_pub >/dev/null 2>&1; then \
 		echo "mosquitto not found: installing mosquitto and mosquitto-clients with apt-get"; \
-		apt-get update && apt-get install -y mosquitto mosquitto-clients; \
+		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients; \
 	fi
 
 lint: $(STAMP)
@@ -37,7 +37,7 @@ node-deps: $(NODE_STAMP)
 $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
 	@if ! command -v npm >/dev/null 2>&1; then \
 		echo "npm not found: installing nodejs and npm with apt-get"; \
-		apt-get update && apt-get install -y nodejs npm; \
+		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm; \
 	fi
 	cd tests/js && npm ci --no-audit --no-fund
 	@touch $@

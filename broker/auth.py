@@ -120,6 +120,11 @@ class Authenticator:
         self._salt = secrets.token_bytes(16)  # cache keys are useless outside this process
         self._executor = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="bcrypt")
 
+    def replace_users(self, users: dict[str, bytes]) -> None:
+        """New users file contents (SIGHUP); cached verdicts may be stale, so they go."""
+        self.users = users
+        self._cache = {}
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import os
 import resource
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from broker import __version__
@@ -41,10 +43,10 @@ def _load(path: str) -> Config:
         raise SystemExit(1) from None
 
 
-async def _serve(config: Config, reuse_port: bool = False) -> None:
+async def _serve(config: Config, reuse_port: bool = False, ops_socket: str | None = None) -> None:
     from broker.server import FrontBroker
 
-    front = FrontBroker(config, reuse_port=reuse_port)
+    front = FrontBroker(config, reuse_port=reuse_port, ops_socket=ops_socket)
     await front.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -65,7 +67,7 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _run_loop(config: Config, reuse_port: bool) -> int:
+def _run_loop(config: Config, reuse_port: bool, ops_socket: str | None = None) -> int:
     """One event loop (uvloop when installed) serving until SIGINT/SIGTERM."""
     loop_factory = None
     try:
@@ -76,7 +78,7 @@ def _run_loop(config: Config, reuse_port: bool) -> int:
         pass
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(config, reuse_port))
+            runner.run(_serve(config, reuse_port, ops_socket))
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
@@ -99,7 +101,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     if workers == 1:
         return _run_loop(config, reuse_port=False)
-    return run_workers(workers, lambda index: _run_loop(config, reuse_port=True))
+    if config.metrics is None or config.metrics.host_port is None:
+        return run_workers(workers, lambda index: _run_loop(config, reuse_port=True))
+    # Metrics from all workers served as one: each worker answers on a unix socket, this
+    # process serves metrics.bind from all of them.
+    from broker.workers import serve_worker_metrics
+
+    with tempfile.TemporaryDirectory(prefix="mqtt-front-") as run_dir:
+        sockets = [os.path.join(run_dir, f"worker-{i}.sock") for i in range(workers)]
+        try:
+            stop_metrics = serve_worker_metrics(config.metrics.host_port, sockets)
+        except OSError as exc:
+            print(f"mqtt-front: cannot listen on metrics.bind: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        try:
+            return run_workers(workers, lambda index: _run_loop(config, reuse_port=True, ops_socket=sockets[index]))
+        finally:
+            stop_metrics()
 
 
 def _listener_extras(listener: ListenerConfig) -> str:

@@ -171,7 +171,17 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = transport
         self.session.upstream_connected()
+        # An upstream that accepts the connection but never answers CONNECT must not hang the client.
+        timeout = self.front.upstream.connect_timeout
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._connack_timeout)
         self._pump()
+
+    def _connack_timeout(self) -> None:
+        self._timer = None
+        session = self.session
+        if session is not None and not self._closed and session.state is State.WAIT_CONNACK:
+            session.upstream_failed(f"no CONNACK within {self.front.upstream.connect_timeout:g}s")
+            self._pump()
 
     def server_shutdown(self) -> None:
         """The process is stopping: v5 clients are told so (0x8B) before the socket closes."""

@@ -93,12 +93,10 @@ class Readiness:
         return None
 
 
-class OpsServer:
-    """Serves /metrics, /healthz and /readyz for one FrontBroker."""
+class HttpEndpoint:
+    """The HTTP handling shared by the per-process endpoint and the workers' aggregator."""
 
-    def __init__(self, front: FrontBroker, readiness: Readiness) -> None:
-        self.front = front
-        self.readiness = readiness
+    def __init__(self) -> None:
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
 
@@ -109,6 +107,26 @@ class OpsServer:
         sock = self.server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         return self.address
+
+    async def start_unix(self, path: str) -> None:
+        """A worker's endpoint, read by the parent process that serves metrics.bind."""
+        self.server = await asyncio.start_unix_server(self._handle, path, limit=MAX_LINE)
+
+    async def _route(self, path: str) -> tuple[int, str, bytes]:
+        raise NotImplementedError
+
+    async def _send(self, writer: asyncio.StreamWriter, method: str, status: int, ctype: str, body: bytes) -> None:
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\n"
+            "Connection: close\r\n"
+        )
+        if status == 405:
+            head += "Allow: GET, HEAD\r\n"
+        writer.write(head.encode("latin-1") + b"\r\n" + (b"" if method == "HEAD" else body))
+        await writer.drain()
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -151,6 +169,15 @@ class OpsServer:
                 return parts[0], parts[1]
         raise ValueError("too many headers")
 
+
+class OpsServer(HttpEndpoint):
+    """Serves /metrics, /healthz and /readyz for one FrontBroker."""
+
+    def __init__(self, front: FrontBroker, readiness: Readiness) -> None:
+        super().__init__()
+        self.front = front
+        self.readiness = readiness
+
     async def _route(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.front.metrics.registry)
@@ -162,19 +189,6 @@ class OpsServer:
                 return 200, "application/json", _json({"status": "ready"})
             return 503, "application/json", _json({"status": "not ready", "reason": reason})
         return 404, "application/json", _json({"error": "not found"})
-
-    async def _send(self, writer: asyncio.StreamWriter, method: str, status: int, ctype: str, body: bytes) -> None:
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Cache-Control: no-store\r\n"
-            "Connection: close\r\n"
-        )
-        if status == 405:
-            head += "Allow: GET, HEAD\r\n"
-        writer.write(head.encode("latin-1") + b"\r\n" + (b"" if method == "HEAD" else body))
-        await writer.drain()
 
 
 def _json(data: dict[str, object]) -> bytes:

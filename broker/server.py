@@ -37,9 +37,11 @@ def build_acl(config: AclConfig) -> AclEngine:
 
 
 class FrontBroker:
-    def __init__(self, config: Config, reuse_port: bool = False) -> None:
+    def __init__(self, config: Config, reuse_port: bool = False, ops_socket: str | None = None) -> None:
         self.config = config
         self.reuse_port = reuse_port  # several worker processes share the listening sockets
+        # A worker serves its metrics/health on this unix socket; the parent serves metrics.bind.
+        self.ops_socket = ops_socket
         users = load_users(config.auth.users_file) if config.auth.users_file else {}
         self.authenticator = Authenticator(users, config.auth.allow_anonymous, config.auth.cache_ttl)
         self.acl = build_acl(config.acl)
@@ -94,6 +96,9 @@ class FrontBroker:
         if address is None:
             return
         self.ops = OpsServer(self, self.readiness)
+        if self.ops_socket is not None:
+            await self.ops.start_unix(self.ops_socket)
+            return
         try:
             host, port = await self.ops.start(address[0], address[1], self.reuse_port)
         except OSError as exc:
@@ -107,8 +112,24 @@ class FrontBroker:
         return len(self.bound) == len(self.config.listeners) and all(s.is_serving() for s in self._servers)
 
     def reload(self) -> bool:
-        """SIGHUP: reload the listeners' TLS certificates (new handshakes only; connections stay)."""
-        return self.tls.reload()
+        """SIGHUP: reload the users file and the listeners' TLS certificates; connections stay.
+
+        A broken users file is refused with a log line and the users in use stay, as with
+        certificates. Cached password checks are dropped so removed users and changed
+        passwords take effect for the next CONNECT.
+        """
+        users_ok = True
+        path = self.config.auth.users_file
+        if path is not None:
+            try:
+                users = load_users(path)
+            except ConfigError as exc:
+                users_ok = False
+                log_event(log, logging.ERROR, "config_reload_failed", file=str(path), reason=str(exc))
+            else:
+                self.authenticator.replace_users(users)
+                log_event(log, logging.INFO, "config_reloaded", file=str(path), users=len(users))
+        return self.tls.reload() and users_ok
 
     async def stop(self) -> None:
         await self.tls.stop()

@@ -6,10 +6,12 @@ new connections over them. The parent only starts, watches and stops them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -63,6 +65,25 @@ def run_workers(count: int, target: Callable[[int], int]) -> int:
     if any(p.exitcode not in (0, None) for p in procs) and not stopping:
         code = 1
     return code
+
+
+def serve_worker_metrics(address: tuple[str, int], sockets: list[str]) -> Callable[[], None]:
+    """Serve metrics.bind for all workers from a thread of this (parent) process; returns a stopper."""
+    from broker.worker_metrics import WorkersOpsServer
+
+    loop = asyncio.new_event_loop()
+    server = WorkersOpsServer(sockets)
+    loop.run_until_complete(server.start(*address))  # binding errors surface here, before any worker starts
+    log.info("metrics, health and readiness of %d workers on http://%s:%d", len(sockets), *address)
+    thread = threading.Thread(target=loop.run_forever, name="worker-metrics", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+    return stop
 
 
 def _child(target: Callable[[int], int], index: int) -> None:

@@ -249,6 +249,39 @@ async def test_generated_token_logs_in(make_front: FrontFactory, tmp_path: Path)
     assert await connack(front_port(front), "project:team1:p1", PASSWORD, True) == 0x86
 
 
+async def test_users_file_reload(make_front: FrontFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGHUP (front.reload) picks up added and removed users and changed passwords; a broken file
+    is refused with a log line and the users in use stay. Connected clients are not touched."""
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    users = tmp_path / "users.yaml"
+
+    def write(*names: str, password_hash: str = hashed) -> None:
+        users.write_text(yaml.safe_dump({"users": [{"username": n, "password_hash": password_hash} for n in names]}))
+
+    write("project:team1:p1")
+    front = await make_front(auth={"users_file": str(users), "cache_ttl": 60})
+    port = front_port(front)
+    assert await connack(port, "project:team1:p1", PASSWORD, True) == 0
+    assert await connack(port, "project:team1:p2", PASSWORD, True) == 0x86
+    stays = await connect_ok(port, "project:team1:p1", True)
+    write("project:team1:p2")  # p1 removed (its verdict is cached), p2 added
+    with caplog.at_level(logging.INFO):
+        assert front.reload()
+    assert any("config_reloaded" in r.getMessage() for r in caplog.records)
+    assert await connack(port, "project:team1:p2", PASSWORD, True) == 0
+    assert await connack(port, "project:team1:p1", PASSWORD, True) == 0x86
+    users.write_text("users: [oops")
+    with caplog.at_level(logging.INFO):
+        assert not front.reload()
+    assert any("config_reload_failed" in r.getMessage() for r in caplog.records)
+    assert await connack(port, "project:team1:p2", PASSWORD, True) == 0  # the last good file stays
+    inbox = f"ff/v1/team1/p/p1/in/{tag()}"
+    assert await stays.subscribe("ff/v1/team1/p/p1/in/#", qos=1) == [1]
+    assert await stays.publish(inbox, qos=1) == 0
+    assert topics(await stays.until(inbox)) == [inbox]
+    await stays.close()
+
+
 # -- users file validation ----------------------------------------------------------------------------
 
 GOOD_HASH = bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4)).decode()

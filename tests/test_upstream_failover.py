@@ -143,6 +143,34 @@ async def test_silent_tls_upstream_times_out(make_front: Any, pki: Pki, caplog: 
         await server.wait_closed()
 
 
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_upstream_that_never_answers_connect_times_out(make_front: Any, v5: bool) -> None:
+    """A plain upstream that accepts TCP and swallows CONNECT: the client gets server unavailable, not a hang."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        front: FrontBroker = await make_front(upstream={"url": f"mqtt://127.0.0.1:{port}", "connect_timeout": 0.5})
+        started = time.monotonic()
+        client, code, _ = await Raw.open(front_port(front), "project:team1:p1", v5=v5)
+        assert code == connack_code(v5, v5_code=0x88, v3_code=0x03)
+        assert accepted and 0.4 < time.monotonic() - started < 3
+        await client.close()
+        async with asyncio.timeout(3):
+            while front.connections:
+                await asyncio.sleep(0.05)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_round_robin_spreads_connections(
     make_front: Any, mosquitto: Mosquitto, second_mosquitto: Mosquitto
 ) -> None:
