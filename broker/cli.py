@@ -76,6 +76,7 @@ def _run_loop(config: Config, reuse_port: bool, ops_socket: str | None = None) -
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
+    log.info("event loop: %s", "uvloop" if loop_factory is not None else "asyncio")
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_serve(config, reuse_port, ops_socket))

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from broker.proxy_protocol import ProxyHeader, ProxyHeaderParser, ProxyProtocolError
 
@@ -152,8 +152,8 @@ class ProxyHeaderReader(asyncio.BufferedProtocol):
         self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         self.real_peer = _fmt(transport.get_extra_info("peername"))
         self._timer = asyncio.get_running_loop().call_later(self.timeout, self._on_timeout)
 

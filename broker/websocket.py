@@ -28,7 +28,7 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import NegotiationError
@@ -294,8 +294,8 @@ class WebSocketConnection(asyncio.Protocol):
     # ------------------------------------------------------------ socket events
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.policy.handshake_timeout, self._handshake_expired)
