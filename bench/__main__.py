@@ -43,8 +43,9 @@ class Env:
     ws_port: int = 0
     setup: FrontSetup = field(default_factory=FrontSetup)
 
-    def use_front(self, teams: int = 1, workers: int = 1) -> None:
-        if self.front is not None and (self.setup.teams, self.setup.workers) == (teams, workers):
+    def use_front(self, teams: int = 1, workers: int = 1, fresh: bool = False) -> None:
+        """Make sure mqtt-front runs with this setup; ``fresh`` restarts it anyway (clean RSS readings)."""
+        if self.front is not None and (self.setup.teams, self.setup.workers) == (teams, workers) and not fresh:
             return
         if self.front is not None:
             self.front.stop()
@@ -195,8 +196,14 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     mosq = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout.splitlines()[0]
+    try:
+        import uvloop
+
+        loop = f"mqtt-front on uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "mqtt-front on asyncio's default loop"
     return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB; "
-            f"Python {platform.python_version()}; {mosq}; {time.strftime('%Y-%m-%d')}")
+            f"Python {platform.python_version()}, {loop}; {mosq}; {time.strftime('%Y-%m-%d')}")
 
 
 def main() -> None:
@@ -297,6 +304,7 @@ def run_idle(env: Env, scale: float) -> list[dict[str, Any]]:
     log(f"idle direct {direct}")
     rows = []
     for via in ("tcp", "ws"):
+        env.use_front(workers=2, fresh=True)  # memory freed by an earlier run would hide this one's
         front = idle(env, via, clients)
         log(f"idle {via} {front}")
         rows.append(row(f"3. {front['connected']:,} idle clients {via.upper()}: RSS per client (KiB)",

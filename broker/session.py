@@ -457,18 +457,11 @@ class Session:
                 first = chunk[start]
                 ptype = first >> 4
                 packets[ptype] += 1
+                replacement: bytes | None = None
                 if ptype == _PUBLISH:
                     stats.msgs_in += 1
                     stats.bytes_in += end - start
                     replacement = self._client_publish(chunk, start, end, v5)
-                    if replacement is not None:
-                        if run < start:
-                            out.append(chunk[run:start])
-                        if replacement:
-                            out.append(replacement)
-                        run = end
-                        if self.state is State.CLOSED:
-                            return  # deny_action disconnect: nothing after the refused PUBLISH goes upstream
                 elif ptype in (_PUBACK, _PUBCOMP, _PUBREC):
                     check_fixed_flags(first, v5)
                     decode_ack(chunk, start, end, v5)
@@ -478,23 +471,21 @@ class Session:
                     if ack.packet_id in self._client_denied_qos2:
                         # Ends a QoS 2 flow the front broker refused: answer it here.
                         self._client_denied_qos2.discard(ack.packet_id)
-                        if run < start:
-                            out.append(chunk[run:start])
-                        run = end
                         self.out_client.append(encode_ack(PacketType.PUBCOMP, v5, ack.packet_id))
+                        replacement = b""
                 else:
                     replacement = self._client_control(chunk, start, end, ptype)
-                    if replacement is not None:
-                        if run < start:
-                            out.append(chunk[run:start])
-                        if replacement:
-                            out.append(replacement)
-                        run = end
-                    if self.state is State.CLOSED:
-                        if run < end:
-                            out.append(chunk[run:end])
-                        return
+                if replacement is not None:
+                    if run < start:
+                        out.append(chunk[run:start])
+                    if replacement:
+                        out.append(replacement)
+                    run = end
                 start = end
+                if self.state is State.CLOSED:
+                    # A forwarded DISCONNECT still goes out; nothing after it (or after a refused
+                    # PUBLISH with deny_action disconnect) does.
+                    break
         except ProtocolError:
             # Packets before the bad one were valid: they still go out.
             if run < start:
@@ -726,10 +717,8 @@ class Session:
                             packet_id = decode_ack(chunk, start, end, v5).packet_id
                         self._inflight.pop(packet_id, None)
                         if self._held_acks:
-                            if run < end:
-                                out.append(chunk[run:end])
-                            run = end
-                            self._release_acks()
+                            # This ack, then our own acks that were waiting behind it.
+                            replacement = chunk[start:end] + self._release_acks()
                 elif ptype == _PUBREL:
                     if self._upstream_dropped_qos2:
                         ack = decode_ack(chunk, start, end, v5)
@@ -741,12 +730,9 @@ class Session:
                     if self._pending_subacks:
                         replacement = self._merge_suback(chunk, start, end)
                 elif ptype == PacketType.DISCONNECT:
-                    if run < start:
-                        out.append(chunk[run:start])
-                    if v5:
-                        out.append(chunk[start:end])
+                    # Relayed to a v5 client (it carries the reason); a v3.1.1 client just sees the close.
+                    replacement = None if v5 else b""
                     self._close("upstream sent DISCONNECT")
-                    return
                 elif ptype in _CLIENT_ONLY:
                     raise ProtocolViolation(f"upstream sent {PacketType(ptype).name}")
                 if replacement is not None:
@@ -756,6 +742,8 @@ class Session:
                         out.append(replacement)
                     run = end
                 start = end
+                if self.state is State.CLOSED:
+                    break
         except ProtocolError:
             # Packets before the bad one were valid: they still go out.
             if run < start:
@@ -764,15 +752,16 @@ class Session:
         if run < start:
             out.append(chunk if run == 0 and start == len(chunk) else chunk[run:start])
 
-    def _release_acks(self) -> None:
-        """Send our held acks whose earlier forwarded publishes are all acknowledged now."""
+    def _release_acks(self) -> bytes:
+        """Our held acks whose earlier forwarded publishes are all acknowledged now."""
         first_open = next(iter(self._inflight.values()), None)
         held = self._held_acks
         i = 0
         while i < len(held) and (first_open is None or held[i][0] < first_open):
-            self.out_client.append(held[i][1])
             i += 1
+        released = b"".join(ack for _, ack in held[:i])
         del held[:i]
+        return released
 
     def _upstream_publish(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
         # Fast path: a delivery topic (raw bytes) this client was allowed to read before.
