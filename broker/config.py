@@ -239,6 +239,9 @@ def _resolve_upstream_paths(config: Config, base_dir: Path) -> Config:
 class LimitsConfig(_Model):
     max_packet_size: int = Field(default=1_048_576, ge=64, le=MQTT_MAX_PACKET)
     connect_timeout: float = Field(default=10.0, gt=0)
+    # Caps per process (with --workers N, per worker): None = no cap.
+    max_connections: int | None = Field(default=None, ge=1)
+    max_connections_per_team: int | None = Field(default=None, ge=1)
 
 
 class AuthConfig(_Model):

@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from broker.codec import encode_disconnect
-from broker.session import Authenticate, Close, OpenUpstream, Session, State
+from broker.session import Authenticate, AuthResult, Close, OpenUpstream, Session, State
 from broker.tls import peer_identity
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class ClientConnection(asyncio.Protocol):
         self._started = time.monotonic()
         self._closed = False
         self._close_reason = "connection lost"
+        self._team_slot: str | None = None  # counted against limits.max_connections_per_team
 
     # ------------------------------------------------------------ client transport events
 
@@ -53,6 +54,12 @@ class ClientConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.session = Session(self.front.session_settings, self.peer)
         self.front.connection_opened(self)
+        limit = self.front.config.limits.max_connections
+        if limit is not None and len(self.front.connections) > limit:
+            # Refused before any CONNECT is read: the cheapest answer to a connection flood.
+            self.session.stats.connect_result = "limit"
+            self._shutdown(f"max_connections ({limit}) reached")
+            return
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.front.config.limits.connect_timeout, self._connect_timeout)
 
@@ -153,9 +160,15 @@ class ClientConnection(asyncio.Protocol):
             result = await self.front.authorize_identity(identity, action.client_id, self.peer)
         else:
             result = await self.front.authorize(action.username, action.password, action.client_id, self.peer)
-        if self.session is not None and not self._closed:
-            self.session.auth_done(result)
-            self._pump()
+        if self._closed or self.session is None:
+            return
+        if result.ok and result.team is not None:
+            if self.front.admit_team(result.team):
+                self._team_slot = result.team
+            else:
+                result = AuthResult(False, quota_exceeded=True)
+        self.session.auth_done(result)
+        self._pump()
 
     async def _open_upstream(self) -> None:
         try:
@@ -208,6 +221,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._closed = True
         self._close_reason = reason
+        if self._team_slot is not None:
+            self.front.release_team(self._team_slot)
+            self._team_slot = None
         self._cancel_timer()
         session = self.session
         if session is not None:

@@ -56,6 +56,7 @@ class FrontBroker:
             disconnect_on_deny=config.acl.deny_action == "disconnect",
         )
         self.connections: set[ClientConnection] = set()
+        self.team_connections: dict[str, int] = {}  # authenticated connections per team, for the team cap
         self.embedded: EmbeddedBroker | None = None
         self.upstream: UpstreamConnector
         self.bound: dict[str, tuple[str, int]] = {}
@@ -183,6 +184,22 @@ class FrontBroker:
         self.metrics.teams.label(identity.team)  # team labels go to teams in the order they first authenticate
         policy = self.acl.for_client(identity, client_id)
         return AuthResult(True, username, policy, identity.team)
+
+    def admit_team(self, team: str) -> bool:
+        """Count one more connection for ``team``, unless limits.max_connections_per_team is reached."""
+        cap = self.config.limits.max_connections_per_team
+        count = self.team_connections.get(team, 0)
+        if cap is not None and count >= cap:
+            return False
+        self.team_connections[team] = count + 1
+        return True
+
+    def release_team(self, team: str) -> None:
+        count = self.team_connections.get(team, 0) - 1
+        if count > 0:
+            self.team_connections[team] = count
+        else:
+            self.team_connections.pop(team, None)
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
