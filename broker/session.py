@@ -244,6 +244,8 @@ class Session:
             self.stats.connect_result = "limit" if isinstance(exc, PacketTooLarge) else "protocol_error"
         if self.v5 and self.state is State.ESTABLISHED:
             self.out_client.append(encode_disconnect(exc.reason_code))
+        elif self.v5 and self.state is State.WAIT_CONNECT:
+            self.out_client.append(encode_connack(True, False, exc.reason_code))
         self._close(f"protocol error ({side}): {exc}")
 
     def _refuse_connect(self, v3_code: int, v5_code: int, reason: str, result: str = "protocol_error") -> None:
@@ -309,6 +311,10 @@ class Session:
             if self._client_framer.error is not None and not self.closed:
                 raise self._client_framer.error
         except ProtocolError as exc:
+            if self.state is State.WAIT_CONNECT and data[:1] == b"\x10":
+                # A CONNECT refused from its fixed header (too large, bad length): a v5 client
+                # still gets a CONNACK with the reason if its protocol level is in this read.
+                self.v5 = _peek_level(data, len(data)) == 5
             self._protocol_error(exc, "client")
 
     def _on_connect(self, chunk: bytes, ends: list[int]) -> None:

@@ -232,6 +232,16 @@ def test_malformed_v311_connect_just_closes() -> None:
     assert s.out_client == []
 
 
+@pytest.mark.parametrize("level", [4, 5])
+def test_connect_too_large_refused_from_its_header(level: int) -> None:
+    """Refused before the body arrives; v5 learns why (CONNACK 0x95) when its level is in the read."""
+    s = new_session(max_packet_size=1024)
+    head = b"\x10" + encode_varint(5000) + mstr("MQTT") + bytes((level, 0x02, 0x00, 0x1E))
+    s.receive_client(head)
+    assert closed(s)
+    assert s.out_client == ([encode_connack(True, False, 0x95)] if level == 5 else [])
+
+
 def test_mqisdp_level_3_gets_v3_connack() -> None:
     s = new_session()
     s.receive_client(pkt(0x10, mstr("MQIsdp") + b"\x03\x02\x00\x1e" + mstr("old-client")))
