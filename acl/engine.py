@@ -14,6 +14,7 @@ from acl.share import SharePolicy
 from acl.topics import filter_levels, is_shared, parse_shared, topic_levels
 
 DEFAULT_CACHE_SIZE = 1024
+_CACHED_KEY_MAX = 256
 
 _KIND_BITS: dict[IdentityKind, int] = {kind: 1 << i for i, kind in enumerate(IdentityKind)}
 _ALL_KINDS = sum(_KIND_BITS.values())
@@ -104,7 +105,8 @@ class ClientAcl:
         self._sub_cache: dict[str, bool] = {}
 
     def _remember(self, cache: dict[str, bool], key: str, allowed: bool) -> bool:
-        if self._cache_size:
+        # Long keys are not cached: 1024 topics of 64 KB would hold 64 MB per cache and client.
+        if self._cache_size and len(key) <= _CACHED_KEY_MAX:
             if len(cache) >= self._cache_size:
                 cache.clear()  # cheap bound; a hot working set refills immediately
             cache[key] = allowed

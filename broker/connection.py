@@ -40,6 +40,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._upstream_full = False  # upstream write buffer above its high-water mark
+        self._client_full = False  # client write buffer above its high-water mark
         self._started = time.monotonic()
         self._closed = False
         self._close_reason = "connection lost"
@@ -77,13 +78,19 @@ class ClientConnection(asyncio.Protocol):
         self._shutdown("client connection lost" if exc is None else f"client connection lost: {exc}")
 
     def pause_writing(self) -> None:
-        # The client reads slower than the upstream delivers: stop reading the upstream.
+        # The client reads slower than we write to it: stop reading the upstream, and the client
+        # too (the front broker answers some packets itself: acks of refused publishes, SUBACKs,
+        # WebSocket pongs), so a client that never reads cannot grow its write buffer without bound.
+        self._client_full = True
         if self.upstream is not None:
             self.upstream.pause_reading()
+        self._sync_reading()
 
     def resume_writing(self) -> None:
+        self._client_full = False
         if self.upstream is not None and not self._closed:
             self.upstream.resume_reading()
+        self._sync_reading()
 
     # ------------------------------------------------------------ upstream transport events
 
@@ -140,7 +147,7 @@ class ClientConnection(asyncio.Protocol):
         session = self.session
         if self.transport is None or session is None or self._closed:
             return
-        pause = self._upstream_full or not session.reading_client
+        pause = self._upstream_full or self._client_full or not session.reading_client
         if pause != self._read_paused:
             self._read_paused = pause
             if pause:

@@ -814,9 +814,13 @@ class Session:
 
 
 _ALLOWED_CACHE_SIZE = 1024
+# Longer topics are not cached: 1024 topics of 64 KB would hold 64 MB per cache and session.
+_CACHED_TOPIC_MAX = 256
 
 
 def _remember(allowed: set[bytes], raw_topic: bytes) -> None:
+    if len(raw_topic) > _CACHED_TOPIC_MAX:
+        return
     if len(allowed) >= _ALLOWED_CACHE_SIZE:
         allowed.clear()  # a cheap bound: a hot working set refills at once
     allowed.add(raw_topic)
