@@ -216,7 +216,7 @@ async def test_long_topics_are_not_cached(make_front: FrontFactory) -> None:
         assert all(len(topic) <= 256 for cache in raw_caches for topic in cache)
         assert (base + "short").encode() in session._publish_ok  # short topics still take the fast path
         policy = session.policy
-        acl_caches = (policy._pub_cache, policy._pub_retained_cache, policy._recv_cache)  # type: ignore[union-attr]
+        acl_caches = (policy._pub_cache, policy._pub_retained_cache, policy._recv_cache)
         assert all(len(topic) <= 256 for cache in acl_caches for topic in cache)
         await bystander.check()
     finally:
