@@ -103,6 +103,7 @@ def load_users(path: Path) -> dict[str, bytes]:
 class Verdict:
     ok: bool
     bad_credentials: bool  # False: refused for lack of credentials (not authorized)
+    busy: bool = False  # not checked: too many password checks already queued
 
 
 class Authenticator:
@@ -112,10 +113,15 @@ class Authenticator:
         allow_anonymous: bool,
         cache_ttl: float = 60.0,
         workers: int | None = None,
+        max_pending: int = 1024,
     ) -> None:
         self.users = users
         self.allow_anonymous = allow_anonymous
         self.cache_ttl = cache_ttl
+        # bcrypt checks queued or running. A flood of connects (each costing ~75 ms of CPU at
+        # cost 10) must not queue without bound: beyond this the answer is "server busy" at once.
+        self.max_pending = max_pending
+        self.pending = 0
         self._cache: dict[bytes, tuple[float, bool]] = {}
         self._salt = secrets.token_bytes(16)  # cache keys are useless outside this process
         self._executor = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="bcrypt")
@@ -140,9 +146,15 @@ class Authenticator:
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             return Verdict(cached[1], not cached[1])
+        if self.pending >= self.max_pending:
+            return Verdict(False, False, busy=True)
         hashed = self.users.get(username)
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self._executor, _checkpw, password, hashed or _DUMMY_HASH)
+        self.pending += 1
+        try:
+            ok = await loop.run_in_executor(self._executor, _checkpw, password, hashed or _DUMMY_HASH)
+        finally:
+            self.pending -= 1
         ok = ok and hashed is not None
         if self.cache_ttl > 0:
             if len(self._cache) > 100_000:

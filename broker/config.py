@@ -248,6 +248,7 @@ class AuthConfig(_Model):
     users_file: Path | None = None
     allow_anonymous: bool = False
     cache_ttl: float = Field(default=60.0, ge=0)
+    max_pending: int = Field(default=1024, ge=1)  # queued password checks; more: CONNACK server busy
 
 
 class AclRuleConfig(_Model):

@@ -43,7 +43,9 @@ class FrontBroker:
         # A worker serves its metrics/health on this unix socket; the parent serves metrics.bind.
         self.ops_socket = ops_socket
         users = load_users(config.auth.users_file) if config.auth.users_file else {}
-        self.authenticator = Authenticator(users, config.auth.allow_anonymous, config.auth.cache_ttl)
+        self.authenticator = Authenticator(
+            users, config.auth.allow_anonymous, config.auth.cache_ttl, max_pending=config.auth.max_pending
+        )
         self.acl = build_acl(config.acl)
         # Loads every listener's certificate and key: a ConfigError here comes before anything listens.
         self.tls = TlsContexts(config.listeners)
@@ -179,7 +181,7 @@ class FrontBroker:
             return AuthResult(False)
         if not verdict.ok:
             # The session logs the connect_refused event (one line per refusal).
-            return AuthResult(False, bad_credentials=verdict.bad_credentials)
+            return AuthResult(False, bad_credentials=verdict.bad_credentials, busy=verdict.busy)
         identity = parse_identity(username)
         self.metrics.teams.label(identity.team)  # team labels go to teams in the order they first authenticate
         policy = self.acl.for_client(identity, client_id)

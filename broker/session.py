@@ -71,6 +71,7 @@ V5_NOT_AUTHORIZED = 0x87
 V5_SERVER_UNAVAILABLE = 0x88
 V5_BAD_AUTH_METHOD = 0x8C
 V5_QUOTA_EXCEEDED = 0x97
+V5_SERVER_BUSY = 0x89
 V5_SUBACK_NOT_AUTHORIZED = 0x87
 V3_SUBACK_FAILURE = 0x80
 
@@ -134,6 +135,7 @@ class AuthResult:
     team: str | None = None
     bad_credentials: bool = False  # refusal reason: wrong credentials vs. not allowed at all
     quota_exceeded: bool = False  # refusal reason: the team has all the connections it may have
+    busy: bool = False  # refusal reason: too many password checks queued (try again later)
 
 
 @dataclass(slots=True)
@@ -368,11 +370,16 @@ class Session:
             return
         connect = self._connect
         if not result.ok or result.policy is None:
-            self.stats.auth_failures += 1
-            self.stats.denied_connect += 1
+            # Limits are not denials: the credentials were not judged (busy) or were fine (quota).
+            if result.busy:
+                self._refuse_connect(V3_SERVER_UNAVAILABLE, V5_SERVER_BUSY, "server busy", "limit")
+                return
             if result.quota_exceeded:
                 self._refuse_connect(V3_SERVER_UNAVAILABLE, V5_QUOTA_EXCEEDED, "connection quota exceeded", "limit")
-            elif result.bad_credentials:
+                return
+            self.stats.auth_failures += 1
+            self.stats.denied_connect += 1
+            if result.bad_credentials:
                 self._refuse_connect(
                     V3_BAD_CREDENTIALS, V5_BAD_CREDENTIALS, "bad username or password", "bad_credentials"
                 )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import bcrypt
 import pytest
+import yaml
 from prometheus_client.exposition import generate_latest
 
-from tests.conftest import FrontFactory, front_port, read_until_closed
+from tests.conftest import PASSWORD, FrontFactory, front_port, read_until_closed
 from tests.ops_util import Scrape
 from tests.test_e2e_isolation import VERSIONS, Raw, connack_code
 
@@ -60,3 +63,25 @@ async def test_max_connections_refuses_before_connect(make_front: FrontFactory) 
     await gone(front, 0)
     metrics = Scrape(generate_latest(front.metrics.registry).decode())
     assert metrics.get("mqtt_front_connect_attempts_total", result="limit") == 1
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_password_check_queue_is_bounded(make_front: FrontFactory, tmp_path: Path, v5: bool) -> None:
+    """auth.max_pending: connects beyond the queued bcrypt checks get "server busy" at once instead
+    of queueing without bound (a connect flood); the queued ones are still checked."""
+    slow = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=12)).decode()  # ~0.3 s per check
+    users = tmp_path / "users.yaml"
+    names = ["project:team1:p1", "project:team1:p2", "project:team1:p3"]
+    users.write_text(yaml.safe_dump({"users": [{"username": n, "password_hash": slow} for n in names]}))
+    front = await make_front(auth={"users_file": str(users), "max_pending": 1}, limits={"connect_timeout": 10})
+    port = front_port(front)
+    results = await asyncio.gather(*(Raw.open(port, n, v5=v5, client_id=n) for n in names))
+    codes = sorted(code for _, code, _ in results)
+    busy = connack_code(v5, v5_code=0x89, v3_code=0x03)
+    assert codes == sorted([0, busy, busy])
+    for client, _, _ in results:
+        await client.close()
+    await gone(front, 0)
+    again, code, _ = await Raw.open(port, names[1], v5=v5, client_id=names[1])  # the queue drained
+    assert code == 0
+    await again.close()
