@@ -32,9 +32,7 @@ class Decision:
 
 
 class AclEngine:
-    def __init__(
-        self, rules: Sequence[Rule], preset: str = "none", share_groups: Sequence[str] | None = None
-    ) -> None:
+    def __init__(self, rules: Sequence[Rule], preset: str = "none", share_groups: Sequence[str] | None = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown ACL preset {preset!r} (expected one of: {', '.join(sorted(PRESETS))})")
         own = list(rules)
@@ -45,16 +43,10 @@ class AclEngine:
             *(f"rules[{i}]" for i in range(len(own))),
             *(f"preset {preset}[{i}]" for i in range(len(base))),
         )
-        self.share_policy = SharePolicy(
-            share_groups if share_groups is not None else PRESET_SHARE_GROUPS[preset]
-        )
-        indexed = [
-            IndexedRule(i, r.levels, _kind_mask(r.who), r.allows, r.retain) for i, r in enumerate(self.rules)
-        ]
+        self.share_policy = SharePolicy(share_groups if share_groups is not None else PRESET_SHARE_GROUPS[preset])
+        indexed = [IndexedRule(i, r.levels, _kind_mask(r.who), r.allows, r.retain) for i, r in enumerate(self.rules)]
         n = len(self.rules)
-        self.publish_index = TopicIndex(
-            (ir for ir, r in zip(indexed, self.rules, strict=True) if r.publishes), n
-        )
+        self.publish_index = TopicIndex((ir for ir, r in zip(indexed, self.rules, strict=True) if r.publishes), n)
         # Retain only qualifies publishes, so subscribe-side entries drop it.
         self.subscribe_index = TopicIndex(
             (
@@ -65,9 +57,7 @@ class AclEngine:
             n,
         )
 
-    def for_client(
-        self, identity: Identity, client_id: str, cache_size: int = DEFAULT_CACHE_SIZE
-    ) -> ClientAcl:
+    def for_client(self, identity: Identity, client_id: str, cache_size: int = DEFAULT_CACHE_SIZE) -> ClientAcl:
         """The per-connection view; `cache_size=0` disables the decision caches."""
         return ClientAcl(self, identity, client_id, cache_size)
 
@@ -153,9 +143,7 @@ class ClientAcl:
         hit = self._sub_cache.get(topic_filter)
         if hit is not None:
             return hit
-        return self._remember(
-            self._sub_cache, topic_filter, self._subscribe(topic_filter, explain=False).allowed
-        )
+        return self._remember(self._sub_cache, topic_filter, self._subscribe(topic_filter, explain=False).allowed)
 
     # -- explanations (uncached) -------------------------------------------------------------------
 

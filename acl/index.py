@@ -152,9 +152,7 @@ class TopicIndex:
 
     # -- concrete topics ---------------------------------------------------------------------------
 
-    def match(
-        self, levels: Sequence[str], values: Mapping[str, str], kind_bit: int, retained: bool | None
-    ) -> int:
+    def match(self, levels: Sequence[str], values: Mapping[str, str], kind_bit: int, retained: bool | None) -> int:
         """Lowest id of a rule matching the topic (NO_RULE if none). `retained` None ignores retain."""
         # Hot path: the child pushes are inlined rather than shared with the filter walks.
         best = NO_RULE
@@ -284,9 +282,7 @@ class TopicIndex:
                 self._push_level_children(node, f, k, first_dollar, values, push)
         return best
 
-    def _deny_in_subtree(
-        self, start: _Node, k0: int, values: Mapping[str, str], kind_bit: int, best: int
-    ) -> int:
+    def _deny_in_subtree(self, start: _Node, k0: int, values: Mapping[str, str], kind_bit: int, best: int) -> int:
         """The filter's remaining levels are `#`: every satisfiable pattern below intersects it."""
         stack = [(start, k0)]
         pop, push = stack.pop, stack.append

@@ -103,9 +103,7 @@ class Rule:
         try:
             object.__setattr__(self, "action", Action(self.action))
         except ValueError:
-            raise ValueError(
-                f"unknown action {self.action!r} (expected publish, subscribe or both)"
-            ) from None
+            raise ValueError(f"unknown action {self.action!r} (expected publish, subscribe or both)") from None
         if self.retain is not None and self.action is Action.SUBSCRIBE:
             raise ValueError("'retain' only applies to publish rules")
         parse_pattern(self.pattern)

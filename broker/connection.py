@@ -248,4 +248,3 @@ class ClientConnection(asyncio.Protocol):
         for task in self._tasks:
             task.cancel()
         self.front.connection_closed(self, reason, time.monotonic() - self._started)
-

@@ -159,8 +159,14 @@ class FrontBroker:
         problem = "no client certificate" if username is None else username_problem(username)
         if problem is not None:
             log_event(
-                log, logging.INFO, "connect_refused", peer=peer, user=username, client=client_id,
-                result="not_authorized", reason=f"certificate identity: {problem}",
+                log,
+                logging.INFO,
+                "connect_refused",
+                peer=peer,
+                user=username,
+                client=client_id,
+                result="not_authorized",
+                reason=f"certificate identity: {problem}",
             )
             return AuthResult(False)
         identity = parse_identity(username)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Protocol
@@ -86,6 +87,9 @@ class AccessPolicy(Protocol):
     def check_receive(self, topic: str) -> bool: ...
     def check_subscribe(self, topic_filter: str) -> bool: ...
 
+
+# Decides one packet of a chunk: None = forward as is, b"" = drop, bytes = send these instead.
+_Route = Callable[[bytes, int, int], "bytes | None"]
 
 _CLIENT_ONLY = frozenset(
     {PacketType.CONNECT, PacketType.SUBSCRIBE, PacketType.UNSUBSCRIBE, PacketType.PINGREQ, PacketType.CONNACK}
@@ -464,34 +468,19 @@ class Session:
 
     def _client_packets(self, chunk: bytes, ends: list[int], start: int) -> None:
         """Route client packets; allowed ones are forwarded as runs of original bytes."""
-        out = self.out_upstream
-        stats = self.stats
-        packets = stats.packets_in
-        v5 = self.v5
+        self._relay(chunk, ends, start, self.out_upstream, self._route_client)
+
+    def _relay(self, chunk: bytes, ends: list[int], start: int, out: list[bytes], route: _Route) -> None:
+        """Forward ``chunk``'s packets to ``out`` as runs of the original bytes.
+
+        ``route`` decides each packet: None = forward it as is, b"" = drop it, other bytes =
+        send these in its place. Once the session closes nothing after the packet that closed
+        it goes out (a forwarded DISCONNECT itself still does).
+        """
         run = start
         try:
             for end in ends:
-                first = chunk[start]
-                ptype = first >> 4
-                packets[ptype] += 1
-                replacement: bytes | None = None
-                if ptype == _PUBLISH:
-                    stats.msgs_in += 1
-                    stats.bytes_in += end - start
-                    replacement = self._client_publish(chunk, start, end, v5)
-                elif ptype in (_PUBACK, _PUBCOMP, _PUBREC):
-                    check_fixed_flags(first, v5)
-                    decode_ack(chunk, start, end, v5)
-                elif ptype == _PUBREL:
-                    check_fixed_flags(first, v5)
-                    ack = decode_ack(chunk, start, end, v5)
-                    if ack.packet_id in self._client_denied_qos2:
-                        # Ends a QoS 2 flow the front broker refused: answer it here.
-                        self._client_denied_qos2.discard(ack.packet_id)
-                        self.out_client.append(encode_ack(PacketType.PUBCOMP, v5, ack.packet_id))
-                        replacement = b""
-                else:
-                    replacement = self._client_control(chunk, start, end, ptype)
+                replacement = route(chunk, start, end)
                 if replacement is not None:
                     if run < start:
                         out.append(chunk[run:start])
@@ -500,8 +489,6 @@ class Session:
                     run = end
                 start = end
                 if self.state is State.CLOSED:
-                    # A forwarded DISCONNECT still goes out; nothing after it (or after a refused
-                    # PUBLISH with deny_action disconnect) does.
                     break
         except ProtocolError:
             # Packets before the bad one were valid: they still go out.
@@ -510,6 +497,31 @@ class Session:
             raise
         if run < start:
             out.append(chunk if run == 0 and start == len(chunk) else chunk[run:start])
+
+    def _route_client(self, chunk: bytes, start: int, end: int) -> bytes | None:
+        first = chunk[start]
+        ptype = first >> 4
+        stats = self.stats
+        stats.packets_in[ptype] += 1
+        v5 = self.v5
+        if ptype == _PUBLISH:
+            stats.msgs_in += 1
+            stats.bytes_in += end - start
+            return self._client_publish(chunk, start, end, v5)
+        if ptype in (_PUBACK, _PUBCOMP, _PUBREC):
+            check_fixed_flags(first, v5)
+            decode_ack(chunk, start, end, v5)
+            return None
+        if ptype == _PUBREL:
+            check_fixed_flags(first, v5)
+            ack = decode_ack(chunk, start, end, v5)
+            if ack.packet_id in self._client_denied_qos2:
+                # Ends a QoS 2 flow the front broker refused: answer it here.
+                self._client_denied_qos2.discard(ack.packet_id)
+                self.out_client.append(encode_ack(PacketType.PUBCOMP, v5, ack.packet_id))
+                return b""
+            return None
+        return self._client_control(chunk, start, end, ptype)
 
     def _client_publish(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
         """None = forward the original bytes; b"" = drop; other bytes = forward these instead."""
@@ -714,60 +726,43 @@ class Session:
 
     def _upstream_packets(self, chunk: bytes, ends: list[int], start: int) -> None:
         """Route upstream packets; deliveries the client may not read are dropped here."""
-        out = self.out_client
-        packets = self.stats.packets_out
+        self._relay(chunk, ends, start, self.out_client, self._route_upstream)
+
+    def _route_upstream(self, chunk: bytes, start: int, end: int) -> bytes | None:
+        ptype = chunk[start] >> 4
+        self.stats.packets_out[ptype] += 1
         v5 = self.v5
-        run = start
-        try:
-            for end in ends:
-                ptype = chunk[start] >> 4
-                packets[ptype] += 1
-                replacement: bytes | None = None
-                if ptype == _PUBLISH:
-                    replacement = self._upstream_publish(chunk, start, end, v5)
-                elif ptype in (_PUBACK, _PUBREC):
-                    if self._inflight:
-                        # A plain ack is 4 bytes with the packet id last; others need decoding.
-                        if end - start == 4:
-                            packet_id = (chunk[end - 2] << 8) | chunk[end - 1]
-                        else:
-                            packet_id = decode_ack(chunk, start, end, v5).packet_id
-                        self._inflight.pop(packet_id, None)
-                        if self._held_acks:
-                            # This ack, then our own acks that were waiting behind it.
-                            replacement = chunk[start:end] + self._release_acks()
-                elif ptype == _PUBREL:
-                    if self._upstream_dropped_qos2:
-                        ack = decode_ack(chunk, start, end, v5)
-                        if ack.packet_id in self._upstream_dropped_qos2:
-                            self._upstream_dropped_qos2.discard(ack.packet_id)
-                            self.out_upstream.append(encode_ack(PacketType.PUBCOMP, v5, ack.packet_id))
-                            replacement = b""
-                elif ptype == PacketType.SUBACK:
-                    if self._pending_subacks:
-                        replacement = self._merge_suback(chunk, start, end)
-                elif ptype == PacketType.DISCONNECT:
-                    # Relayed to a v5 client (it carries the reason); a v3.1.1 client just sees the close.
-                    replacement = None if v5 else b""
-                    self._close("upstream sent DISCONNECT")
-                elif ptype in _CLIENT_ONLY:
-                    raise ProtocolViolation(f"upstream sent {PacketType(ptype).name}")
-                if replacement is not None:
-                    if run < start:
-                        out.append(chunk[run:start])
-                    if replacement:
-                        out.append(replacement)
-                    run = end
-                start = end
-                if self.state is State.CLOSED:
-                    break
-        except ProtocolError:
-            # Packets before the bad one were valid: they still go out.
-            if run < start:
-                out.append(chunk[run:start])
-            raise
-        if run < start:
-            out.append(chunk if run == 0 and start == len(chunk) else chunk[run:start])
+        if ptype == _PUBLISH:
+            return self._upstream_publish(chunk, start, end, v5)
+        if ptype in (_PUBACK, _PUBREC):
+            if self._inflight:
+                # A plain ack is 4 bytes with the packet id last; others need decoding.
+                if end - start == 4:
+                    packet_id = (chunk[end - 2] << 8) | chunk[end - 1]
+                else:
+                    packet_id = decode_ack(chunk, start, end, v5).packet_id
+                self._inflight.pop(packet_id, None)
+                if self._held_acks:
+                    # This ack, then our own acks that were waiting behind it.
+                    return chunk[start:end] + self._release_acks()
+            return None
+        if ptype == _PUBREL:
+            if self._upstream_dropped_qos2:
+                ack = decode_ack(chunk, start, end, v5)
+                if ack.packet_id in self._upstream_dropped_qos2:
+                    self._upstream_dropped_qos2.discard(ack.packet_id)
+                    self.out_upstream.append(encode_ack(PacketType.PUBCOMP, v5, ack.packet_id))
+                    return b""
+            return None
+        if ptype == PacketType.SUBACK:
+            return self._merge_suback(chunk, start, end) if self._pending_subacks else None
+        if ptype == PacketType.DISCONNECT:
+            # Relayed to a v5 client (it carries the reason); a v3.1.1 client just sees the close.
+            self._close("upstream sent DISCONNECT")
+            return None if v5 else b""
+        if ptype in _CLIENT_ONLY:
+            raise ProtocolViolation(f"upstream sent {PacketType(ptype).name}")
+        return None
 
     def _release_acks(self) -> bytes:
         """Our held acks whose earlier forwarded publishes are all acknowledged now."""
