@@ -61,7 +61,7 @@ async def until_two_workers(proc: subprocess.Popen[bytes], metrics_port: int) ->
     async with asyncio.timeout(15):
         while True:
             status, _, _ = await http_request(metrics_port, "/readyz")
-            if len(children(proc.pid)) == 2 and status != 0:
+            if len(children(proc.pid)) == 2 and status == 200:  # every worker bound and ready
                 return
             await asyncio.sleep(0.1)
 
