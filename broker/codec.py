@@ -71,26 +71,36 @@ class Framer:
     ``max_packet_size`` is refused from its fixed header, before its body is buffered.
     """
 
-    __slots__ = ("_pending", "error", "max_packet_size")
+    __slots__ = ("_have", "_need", "_pending", "error", "max_packet_size")
 
     def __init__(self, max_packet_size: int = MQTT_MAX_PACKET) -> None:
         self.max_packet_size = max_packet_size
-        self._pending = b""
+        # An incomplete packet: its bytes so far, and (once its header is known) its full size.
+        # Reads are collected in a list until it is complete, so a large packet trickled in
+        # small reads is joined once, not copied again on every read.
+        self._pending: list[bytes] = []
+        self._have = 0
+        self._need = 0
         self.error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        return len(self._pending)
+        return self._have
 
     def take_pending(self) -> bytes:
         """Hand back the bytes of an incomplete packet, leaving the framer empty."""
-        pending, self._pending = self._pending, b""
+        pending = b"".join(self._pending)
+        self._pending, self._have, self._need = [], 0, 0
         return pending
 
     def feed(self, data: bytes) -> tuple[bytes, list[int]]:
         if self._pending:
-            data = self._pending + data
-            self._pending = b""
+            self._pending.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return b"", []
+            data = b"".join(self._pending)
+            self._pending, self._have, self._need = [], 0, 0
         n = len(data)
         ends: list[int] = []
         pos = 0
@@ -125,6 +135,7 @@ class Framer:
                 if total > limit:
                     raise PacketTooLarge(f"packet of {total} bytes exceeds the maximum of {limit}")
                 if pos + total > n:
+                    self._need = total
                     break
                 pos += total
                 ends.append(pos)
@@ -135,7 +146,9 @@ class Framer:
             self.error = exc
             return data[:pos], ends
         if pos < n:
-            self._pending = data[pos:]
+            rest = data[pos:]
+            self._pending = [rest]
+            self._have = len(rest)
             data = data[:pos]
         return data, ends
 

@@ -1247,3 +1247,17 @@ def mutated_packets(draw: st.DrawFn) -> bytes:
 def test_fuzz_mutated_packets(data: bytes) -> None:
     assert frame_all(data) == [data]
     _run_all_decoders(data, MQTT_MAX_PACKET)
+
+
+def test_framer_collects_a_trickled_large_packet_without_recopying() -> None:
+    """A 1 MB packet fed in 100-byte reads: reads are kept as they come (white box: a list) and
+    joined once, so the cost is linear; before, every read re-copied everything buffered."""
+    packet = encode_publish(0, False, False, "a/b", 0, None, b"x" * 1_000_000)
+    framer = Framer(2_000_000)
+    reads = [packet[i : i + 100] for i in range(0, len(packet), 100)]
+    for data in reads[:-1]:
+        assert framer.feed(data) == (b"", [])
+    assert framer.buffered == len(packet) - len(reads[-1])
+    assert len(framer._pending) == len(reads) - 1  # white box: nothing joined yet
+    assert framer.feed(reads[-1]) == (packet, [len(packet)])
+    assert framer.buffered == 0
