@@ -289,7 +289,12 @@ class WebSocketConnection(asyncio.Protocol):
         self._fast = True  # serialize binary frames here (no extension negotiated)
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
-        self._pending = b""  # handshake: the last bytes fed; then: an incomplete frame
+        self._pending = b""  # handshake: the last bytes fed; then: an incomplete frame header
+        # An incomplete frame whose size is known: reads collected until it is whole, joined once
+        # (a large frame trickled in small reads is not re-copied on every read).
+        self._frame_parts: list[bytes] = []
+        self._frame_have = 0
+        self._frame_need = 0
 
     # ------------------------------------------------------------ socket events
 
@@ -336,8 +341,16 @@ class WebSocketConnection(asyncio.Protocol):
         frame by frame and in order, so its state stays exact. A header announcing more than
         max_frame_size, or an unmasked frame, is handed to the library, which fails the
         connection (1009, 1002). A partial frame waits here, at most max_frame_size + 14 bytes."""
+        if self._frame_parts:
+            self._frame_parts.append(data)
+            self._frame_have += len(data)
+            if self._frame_have < self._frame_need:
+                return
+            data = b"".join(self._frame_parts)
+            self._frame_parts, self._frame_have, self._frame_need = [], 0, 0
         buf = self._pending + data if self._pending else data
         self._pending = b""
+        need = 0
         ws = self.ws
         limit = self.policy.max_frame_size
         chunks: list[bytes] = []
@@ -363,6 +376,7 @@ class WebSocketConnection(asyncio.Protocol):
                 break
             end = start + 4 + length
             if end > n:
+                need = end - pos
                 break
             if buf[pos] == _BINARY_FIN and ws.cur_size is None:
                 chunks.append(apply_mask(buf[start + 4 : end], buf[start : start + 4]))
@@ -371,7 +385,12 @@ class WebSocketConnection(asyncio.Protocol):
                 break
             pos = end
         if pos < n:
-            self._pending = buf[pos:]
+            if need:
+                self._frame_parts = [buf[pos:]]
+                self._frame_have = n - pos
+                self._frame_need = need
+            else:
+                self._pending = buf[pos:]
         self._deliver(chunks)
 
     def _receive_library(self, data: bytes, chunks: list[bytes]) -> bool:
