@@ -229,7 +229,6 @@ class Connect:
     will: Will | None = None
     username: str | None = None
     password: bytes | None = None
-    proto_name: str = "MQTT"
 
     @property
     def v5(self) -> bool:

@@ -43,7 +43,6 @@ class ClientConnection(asyncio.Protocol):
         self._client_full = False  # client write buffer above its high-water mark
         self._started = time.monotonic()
         self._closed = False
-        self._close_reason = "connection lost"
         self._team_slot: str | None = None  # counted against limits.max_connections_per_team
 
     # ------------------------------------------------------------ client transport events
@@ -227,7 +226,6 @@ class ClientConnection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        self._close_reason = reason
         if self._team_slot is not None:
             self.front.release_team(self._team_slot)
             self._team_slot = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 # Connect results (``Stats.connect_result``), also the label values of mqtt_front_connect_attempts_total.
 CONNECT_RESULTS = ("ok", "bad_credentials", "not_authorized", "protocol_error", "upstream_unavailable", "limit")
@@ -32,6 +32,3 @@ class Stats:
     packets_out: list[int] = field(default_factory=_per_type)  # from the upstream
     # How the CONNECT ended, set once: one of CONNECT_RESULTS, "" while undecided.
     connect_result: str = ""
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), int)}
