@@ -23,8 +23,12 @@ mosquitto:
 		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients; \
 	fi
 
+# ruff, then the architecture (../shared/architecture.md): import-linter's contracts in pyproject.toml, then the
+# AST checker (no cycles, layers, no I/O in mqtt/session/acl, 500-line modules, events through log_event).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python tools/check_architecture.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from acl.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
+from acl.cache import BoundedCache
 from acl.identity import Identity, IdentityKind
 from acl.index import NO_RULE, IndexedRule, TopicIndex
 from acl.placeholders import placeholder_values
@@ -12,9 +14,6 @@ from acl.presets import PRESET_SHARE_GROUPS, PRESETS
 from acl.rules import WHO_ANY, Rule
 from acl.share import SharePolicy
 from acl.topics import filter_levels, is_shared, parse_shared, topic_levels
-
-DEFAULT_CACHE_SIZE = 1024
-_CACHED_KEY_MAX = 256
 
 _KIND_BITS: dict[IdentityKind, int] = {kind: 1 << i for i, kind in enumerate(IdentityKind)}
 _ALL_KINDS = sum(_KIND_BITS.values())
@@ -64,7 +63,6 @@ class AclEngine:
 
 class ClientAcl:
     __slots__ = (
-        "_cache_size",
         "_engine",
         "_groups",
         "_kind_bit",
@@ -88,19 +86,10 @@ class ClientAcl:
         self._groups = engine.share_policy.bind(self._values)
         self._pub_index = engine.publish_index
         self._sub_index = engine.subscribe_index
-        self._cache_size = max(0, cache_size)
-        self._pub_cache: dict[str, bool] = {}
-        self._pub_retained_cache: dict[str, bool] = {}
-        self._recv_cache: dict[str, bool] = {}
-        self._sub_cache: dict[str, bool] = {}
-
-    def _remember(self, cache: dict[str, bool], key: str, allowed: bool) -> bool:
-        # Long keys are not cached: 1024 topics of 64 KB would hold 64 MB per cache and client.
-        if self._cache_size and len(key) <= _CACHED_KEY_MAX:
-            if len(cache) >= self._cache_size:
-                cache.clear()  # cheap bound; a hot working set refills immediately
-            cache[key] = allowed
-        return allowed
+        self._pub_cache: BoundedCache[str, bool] = BoundedCache(cache_size)
+        self._pub_retained_cache: BoundedCache[str, bool] = BoundedCache(cache_size)
+        self._recv_cache: BoundedCache[str, bool] = BoundedCache(cache_size)
+        self._sub_cache: BoundedCache[str, bool] = BoundedCache(cache_size)
 
     # -- rule lookups ------------------------------------------------------------------------------
 
@@ -128,7 +117,7 @@ class ClientAcl:
             return hit
         levels = topic_levels(topic)
         allowed = levels is not None and self._is_allow(self._publish_id(levels, retain))
-        return self._remember(cache, topic, allowed)
+        return cache.remember(topic, allowed)
 
     def check_receive(self, topic: str) -> bool:
         """May this client be sent a message published on this concrete topic."""
@@ -137,13 +126,13 @@ class ClientAcl:
             return hit
         levels = topic_levels(topic)
         allowed = levels is not None and self._is_allow(self._receive_id(levels))
-        return self._remember(self._recv_cache, topic, allowed)
+        return self._recv_cache.remember(topic, allowed)
 
     def check_subscribe(self, topic_filter: str) -> bool:
         hit = self._sub_cache.get(topic_filter)
         if hit is not None:
             return hit
-        return self._remember(self._sub_cache, topic_filter, self._subscribe(topic_filter, explain=False).allowed)
+        return self._sub_cache.remember(topic_filter, self._subscribe(topic_filter, explain=False).allowed)
 
     # -- explanations (uncached) -------------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +15,9 @@ from typing import Any
 import bcrypt
 import yaml
 
+from tests.support.mosquitto import mosquitto_binary
+from tests.support.ports import wait_port
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PASSWORD = "bench-password"
@@ -26,17 +28,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -86,13 +77,6 @@ class Proc:
                 self.popen.wait()
 
 
-def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if not found:
-        raise RuntimeError("mosquitto is not installed (make bench installs it)")
-    return found
-
-
 def start_mosquitto(workdir: Path) -> tuple[Proc, int]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
@@ -105,7 +89,7 @@ def start_mosquitto(workdir: Path) -> tuple[Proc, int]:
     os.chmod(conf, 0o644)
     log = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the process
     popen = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    wait_port(port)
+    wait_port(port, timeout=15.0)
     return Proc("mosquitto", popen), port
 
 
@@ -151,7 +135,7 @@ def start_front(workdir: Path, upstream_port: int, setup: FrontSetup) -> tuple[P
     popen = subprocess.Popen(
         [str(exe), "run", "-c", str(conf), "--workers", str(setup.workers)], stdout=log, stderr=subprocess.STDOUT
     )
-    wait_port(tcp_port)
-    wait_port(ws_port)
+    wait_port(tcp_port, timeout=15.0)
+    wait_port(ws_port, timeout=15.0)
     time.sleep(0.3 * setup.workers)  # every worker has bound its SO_REUSEPORT socket
     return Proc("mqtt-front", popen), tcp_port, ws_port

@@ -14,7 +14,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from broker.codec import Connect, Subscribe, encode_connect, encode_publish, encode_subscribe
+from broker.mqtt.packets import Connect, Subscribe, encode_connect, encode_publish, encode_subscribe
 
 HOST = "127.0.0.1"
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/metrics_cost.py
 
-The session counts into the plain integers of broker.stats.Stats (and a list element per
+The session counts into the plain integers of broker.session.stats.Stats (and a list element per
 packet type); the metrics collector reads them at scrape time. This script shows why: it
 times each way of counting one packet, in nanoseconds per packet.
 """
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry, Counter
 
-from broker.stats import Stats
+from broker.session.stats import Stats
 
 N = 1_000_000
 REPEAT = 5

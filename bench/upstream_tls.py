@@ -1,6 +1,6 @@
 """Upstream connects per second: plain TCP, TLS with full handshakes, TLS with session resumption.
 
-Each connect goes through :class:`broker.upstream.UpstreamConnector` (TCP + TLS handshake) and then
+Each connect goes through :class:`broker.upstream.connector.UpstreamConnector` (TCP + TLS handshake) and then
 sends an MQTT CONNECT and waits for the CONNACK, so the broker has finished its side of the
 handshake (client-certificate check included) before the next one starts. The Mosquitto is
 started here with a TLS listener that requires a client certificate (as in
@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trustme
 
-from broker.codec import Connect, encode_connect
 from broker.config import UpstreamConfig
-from broker.upstream import UpstreamConnector, UpstreamTarget
-from tests.conftest import start_mosquitto
-from tests.upstream_helpers import make_pki, pki_directory, start_tls_mosquitto
+from broker.mqtt.packets import Connect, encode_connect
+from broker.upstream.connector import UpstreamConnector
+from broker.upstream.targets import UpstreamTarget
+from tests.support.mosquitto import start_mosquitto, start_tls_mosquitto
+from tests.support.pki import make_pki, pki_directory
 
 _CONNECT = encode_connect(Connect(4, True, 60, "bench"))
 

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from broker.codec import Connect, Framer, Subscribe, encode_connect, encode_publish, encode_subscribe
-from tests.conftest import start_mosquitto, wait_port
+from broker.mqtt.framer import Framer
+from broker.mqtt.packets import Connect, Subscribe, encode_connect, encode_publish, encode_subscribe
+from tests.support.mosquitto import start_mosquitto
+from tests.support.ports import wait_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from broker import __version__
 from broker.config import Config, ConfigError, ListenerConfig, load_config
-from broker.logs import JsonFormatter
+from broker.logs import JsonFormatter, log_event
 
 log = logging.getLogger("mqtt_front")
 
@@ -53,7 +53,7 @@ async def _serve(config: Config, reuse_port: bool = False, ops_socket: str | Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, front.reload)  # reload TLS certificates; connections stay
-    log.info("mqtt-front %s ready", __version__)
+    log_event(log, logging.INFO, "ready", version=__version__, pid=os.getpid())
     await stop.wait()
     log.info("stopping")
     await front.stop()
@@ -87,7 +87,7 @@ def _run_loop(config: Config, reuse_port: bool, ops_socket: str | None = None) -
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from broker.workers import resolve_workers, run_workers
+    from broker.ops.workers import resolve_workers, run_workers
 
     config = _load(args.config)
     setup_logging(config.logging.level, config.logging.format)
@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_workers(workers, lambda index: _run_loop(config, reuse_port=True))
     # Metrics from all workers served as one: each worker answers on a unix socket, this
     # process serves metrics.bind from all of them.
-    from broker.workers import serve_worker_metrics
+    from broker.ops.workers import serve_worker_metrics
 
     with tempfile.TemporaryDirectory(prefix="mqtt-front-") as run_dir:
         sockets = [os.path.join(run_dir, f"worker-{i}.sock") for i in range(workers)]
@@ -140,10 +140,10 @@ def _listener_extras(listener: ListenerConfig) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     try:
-        from broker.auth import load_users
+        from broker.auth.users import load_users
+        from broker.edge.tls import TlsContexts
         from broker.server import build_acl
-        from broker.tls import TlsContexts
-        from broker.upstream_tls import check_upstream
+        from broker.upstream.tls_config import check_upstream
 
         users = load_users(config.auth.users_file) if config.auth.users_file else {}
         engine = build_acl(config.acl)
@@ -170,7 +170,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    from broker.auth import generate_token, hash_password
+    from broker.auth.users import generate_token, hash_password
 
     if args.generate:
         password = generate_token(args.generate)

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from broker.codec import MQTT_MAX_PACKET
+from broker.mqtt.framer import MQTT_MAX_PACKET
 
 
 class ConfigError(Exception):

@@ -42,6 +42,13 @@ def _json_value(value: object) -> FieldValue:
     return str(value)
 
 
+def format_peer(peer: object) -> str:
+    """A socket address as logs show it: ``host:port`` for an (IPv4 or IPv6) address tuple, else str()."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
 def log_event(logger: logging.Logger, level: int, event: str, /, **fields: object) -> None:
     """Log one event; fields whose value is None are left out."""
     if not logger.isEnabledFor(level):
@@ -72,56 +79,3 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
-
-
-class DenyLogLimiter:
-    """Token bucket for deny log lines of one session, counting what it suppressed.
-
-    ``burst`` lines may go out at once, then ``rate`` per second; the next line that goes
-    out reports how many were suppressed since the previous one.
-    """
-
-    __slots__ = ("_last", "_tokens", "burst", "rate", "suppressed", "total")
-
-    def __init__(self, burst: float = 10.0, rate: float = 1.0) -> None:
-        self.burst = burst
-        self.rate = rate
-        self._tokens = burst
-        self._last = time.monotonic()
-        self.suppressed = 0
-        self.total = 0
-
-    def allow(self) -> bool:
-        self.total += 1
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        self.suppressed += 1
-        return False
-
-    def take_suppressed(self) -> int:
-        n = self.suppressed
-        self.suppressed = 0
-        return n
-
-
-def explain_rule(policy: object, action: str, topic: str, retain: bool = False) -> str | None:
-    """The rule that denied ``action`` on ``topic``, if the policy can explain (the ACL engine can)."""
-    try:
-        if action in ("publish", "will"):
-            decision = policy.explain_publish(topic, retain)  # type: ignore[attr-defined]
-        elif action == "subscribe":
-            decision = policy.explain_subscribe(topic)  # type: ignore[attr-defined]
-        elif action == "deliver":
-            decision = policy.explain_receive(topic)  # type: ignore[attr-defined]
-        else:
-            return None
-    except AttributeError:
-        return None
-    rule = decision.rule
-    if rule is None:
-        return str(decision.source)
-    return f"{decision.source}: {rule.effect.value} {rule.action.value} {rule.pattern}"

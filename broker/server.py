@@ -1,4 +1,11 @@
-"""The front broker: listeners, the upstream, authentication and the ACL engine wired together."""
+"""The front broker process: wiring only.
+
+:class:`FrontBroker` builds the parts from the configuration (admission with the users file and
+the ACL engine, listener TLS, the upstream connector or the embedded broker, metrics, the ops
+endpoint), starts the listeners, and is the :class:`broker.relay.ConnectionHost` of every client
+connection: it passes each question on to the part that decides it. Protocol decisions live in
+``broker.session``, admission decisions in ``broker.admission``.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,19 @@ import asyncio
 import logging
 
 from acl.engine import AclEngine
-from acl.identity import parse_identity
 from acl.rules import Rule
-from broker.auth import Authenticator, load_users, username_problem
+from broker.admission import Admission
+from broker.auth.users import Authenticator, load_users
 from broker.config import AclConfig, Config, ConfigError
-from broker.connection import ClientConnection
-from broker.embedded import EmbeddedBroker
-from broker.http import OpsServer, Readiness
-from broker.listeners import start_listener
+from broker.edge.listeners import start_listener
+from broker.edge.tls import TlsContexts
 from broker.logs import log_event
-from broker.metrics import Metrics
-from broker.session import AuthResult, SessionSettings
-from broker.tls import TlsContexts
-from broker.upstream import UpstreamConnector
+from broker.ops.http import OpsServer, Readiness
+from broker.ops.metrics import Metrics
+from broker.relay import ClientConnection
+from broker.session import Authenticate, AuthResult, SessionSettings
+from broker.upstream.connector import UpstreamConnector
+from broker.upstream.embedded import EmbeddedBroker
 
 log = logging.getLogger("mqtt_front.server")
 
@@ -58,13 +65,15 @@ class FrontBroker:
             disconnect_on_deny=config.acl.deny_action == "disconnect",
         )
         self.connections: set[ClientConnection] = set()
-        self.team_connections: dict[str, int] = {}  # authenticated connections per team, for the team cap
         self.embedded: EmbeddedBroker | None = None
         self.upstream: UpstreamConnector
         self.bound: dict[str, tuple[str, int]] = {}
         self._servers: list[asyncio.Server] = []
         ops = config.metrics
         self.metrics = Metrics(ops.max_teams if ops else 1000, [item.name for item in config.listeners])
+        self.admission = Admission(
+            self.authenticator, self.acl, self.tls, self.metrics.teams, config.limits.max_connections_per_team
+        )
         self.readiness = Readiness(self, ops.ready_window, ops.probe_interval) if ops else Readiness(self)
         self.ops: OpsServer | None = None  # the /metrics, /healthz, /readyz endpoint when metrics.bind is set
 
@@ -80,16 +89,17 @@ class FrontBroker:
         self.metrics.watch(self.connections, self.upstream)
         try:
             for listener in self.config.listeners:
-                name = listener.name
-                server = await start_listener(self, listener)
+                server = await start_listener(self, listener, self.tls, reuse_port=self.reuse_port)
                 self._servers.append(server)
-                sock = server.sockets[0].getsockname()
-                self.bound[name] = (sock[0], sock[1])
-                log.info("listening: %s (%s) on %s:%d", name, listener.type, sock[0], sock[1])
+                host, port = server.sockets[0].getsockname()[:2]
+                self.bound[listener.name] = (host, port)
+                log_event(
+                    log, logging.INFO, "listening", listener=listener.name, type=listener.type, host=host, port=port
+                )
         except OSError as exc:
             await self.stop()
             raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
-        log.info("forwarding to %s", self.upstream.label)
+        log_event(log, logging.INFO, "forwarding", upstream=self.upstream.label)
         self.tls.start()  # reload certificates when their files change
         await self._start_ops()
 
@@ -98,7 +108,7 @@ class FrontBroker:
         address = ops.host_port if ops is not None else None
         if address is None:
             return
-        self.ops = OpsServer(self, self.readiness)
+        self.ops = OpsServer(self.metrics.registry, self.readiness)
         if self.ops_socket is not None:
             await self.ops.start_unix(self.ops_socket)
             return
@@ -107,7 +117,7 @@ class FrontBroker:
         except OSError as exc:
             await self.stop()
             raise ConfigError(f"cannot listen on metrics.bind: {exc.strerror or exc}") from None
-        log.info("metrics, health and readiness on http://%s:%d (/metrics, /healthz, /readyz)", host, port)
+        log_event(log, logging.INFO, "ops_listening", url=f"http://{host}:{port}", paths="/metrics /healthz /readyz")
 
     @property
     def listening(self) -> bool:
@@ -150,68 +160,35 @@ class FrontBroker:
             await self.embedded.stop()
         self.authenticator.close()
 
-    async def authorize_identity(self, username: str | None, client_id: str, peer: str) -> AuthResult:
-        """A verified client certificate's identity as the username (``use_identity_as_username``).
+    # ------------------------------------------------------------------ ConnectionHost
 
-        There is no password: the TLS handshake proved the identity. No certificate (a
-        ``require_client_cert: false`` listener) or an unusable name is refused as not authorized.
-        """
-        problem = "no client certificate" if username is None else username_problem(username)
-        if problem is not None:
-            log_event(
-                log,
-                logging.INFO,
-                "connect_refused",
-                peer=peer,
-                user=username,
-                client=client_id,
-                result="not_authorized",
-                reason=f"certificate identity: {problem}",
-            )
-            return AuthResult(False)
-        identity = parse_identity(username)
-        self.metrics.teams.label(identity.team)
-        policy = self.acl.for_client(identity, client_id)
-        return AuthResult(True, username, policy, identity.team)
+    @property
+    def connect_timeout(self) -> float:
+        return self.config.limits.connect_timeout
 
-    async def authorize(self, username: str | None, password: bytes | None, client_id: str, peer: str) -> AuthResult:
-        if username is not None and (problem := username_problem(username)) is not None:
-            # Fail closed even if a future auth backend accepts such a name: to the client
-            # it is simply an unknown user.
-            log.warning("unusable username from %s (%s): refused as bad credentials", peer, problem)
-            return AuthResult(False, bad_credentials=True)
-        try:
-            verdict = await self.authenticator.check(username, password)
-        except Exception:  # fail closed on any error in the auth path
-            log.exception("authentication error for %s", peer)
-            return AuthResult(False)
-        if not verdict.ok:
-            # The session logs the connect_refused event (one line per refusal).
-            return AuthResult(False, bad_credentials=verdict.bad_credentials, busy=verdict.busy)
-        identity = parse_identity(username)
-        self.metrics.teams.label(identity.team)  # team labels go to teams in the order they first authenticate
-        policy = self.acl.for_client(identity, client_id)
-        return AuthResult(True, username, policy, identity.team)
+    @property
+    def upstream_connect_timeout(self) -> float:
+        return self.upstream.connect_timeout
 
-    def admit_team(self, team: str) -> bool:
-        """Count one more connection for ``team``, unless limits.max_connections_per_team is reached."""
-        cap = self.config.limits.max_connections_per_team
-        count = self.team_connections.get(team, 0)
-        if cap is not None and count >= cap:
-            return False
-        self.team_connections[team] = count + 1
-        return True
-
-    def release_team(self, team: str) -> None:
-        count = self.team_connections.get(team, 0) - 1
-        if count > 0:
-            self.team_connections[team] = count
-        else:
-            self.team_connections.pop(team, None)
-
-    def connection_opened(self, conn: ClientConnection) -> None:
+    def connection_opened(self, conn: ClientConnection) -> str | None:
         self.connections.add(conn)
         self.metrics.connection_opened(conn.listener)
+        limit = self.config.limits.max_connections
+        if limit is not None and len(self.connections) > limit:
+            return f"max_connections ({limit}) reached"
+        return None
+
+    async def admit(self, request: Authenticate, conn: ClientConnection) -> AuthResult:
+        return await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
+
+    def release_team(self, team: str) -> None:
+        self.admission.release_team(team)
+
+    async def open_upstream(self, conn: ClientConnection) -> asyncio.Transport:
+        return await self.upstream.connect(conn)
+
+    def upstream_failed(self, exc: BaseException) -> None:
+        self.upstream.failed(exc)
 
     def connection_closed(self, conn: ClientConnection, reason: str, duration: float) -> None:
         self.connections.discard(conn)

@@ -1,0 +1,37 @@
+"""The one bounded cache of allowed (or decided) topics, shared by the ACL engine and the session.
+
+Both keep a per-client map from a topic (``str`` for the engine's decisions, the raw ``bytes``
+for the session's allowed-topic fast paths) to a verdict. The bound is deliberately crude:
+when full, the cache is emptied (a hot working set refills at once), and long keys are never
+cached (1024 topics of 64 KB would hold 64 MB per cache and client). Lookups are plain ``dict``
+operations, so the hot paths stay C-speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import Generic, TypeVar
+
+DEFAULT_SIZE = 1024
+KEY_MAX = 256  # longer keys are not cached
+
+K = TypeVar("K", bound=Sized)
+V = TypeVar("V")
+
+
+class BoundedCache(dict[K, V], Generic[K, V]):
+    """A dict with a size bound; ``size=0`` disables caching."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int = DEFAULT_SIZE) -> None:
+        super().__init__()
+        self.size = max(0, size)
+
+    def remember(self, key: K, value: V) -> V:
+        """Store ``value`` for ``key`` (unless caching is off or the key is too long); returns ``value``."""
+        if self.size and len(key) <= KEY_MAX:
+            if len(self) >= self.size:
+                self.clear()
+            self[key] = value
+        return value

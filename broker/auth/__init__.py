@@ -1,0 +1,1 @@
+"""Credentials: the bcrypt users file, tokens and the password-check pool (:mod:`~broker.auth.users`)."""

@@ -1,0 +1,1 @@
+"""Operations: the Prometheus collector, /metrics /healthz /readyz, and ``--workers N`` processes."""

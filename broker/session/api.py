@@ -1,0 +1,90 @@
+"""What the session shows the layers above it: actions, settings, the access-policy port, the state table.
+
+Nothing here does anything: these are the types the I/O layer exchanges with a
+:class:`broker.session.Session`, and the one table that says which state changes exist
+(h11's ``_state.py`` idea: "which transitions exist" has one answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+
+class AccessPolicy(Protocol):
+    """What the session needs from the ACL engine for one client (topics as the client sees them)."""
+
+    def check_publish(self, topic: str, retain: bool = False) -> bool: ...
+    def check_receive(self, topic: str) -> bool: ...
+    def check_subscribe(self, topic_filter: str) -> bool: ...
+
+
+class State(Enum):
+    WAIT_CONNECT = 1  # reading the client's CONNECT
+    AUTHENTICATING = 2  # the I/O layer runs Authenticate; client bytes are kept, unparsed
+    CONNECTING_UPSTREAM = 3  # the I/O layer runs OpenUpstream
+    WAIT_CONNACK = 4  # our CONNECT is upstream; waiting for its CONNACK
+    ESTABLISHED = 5  # relaying both ways
+    CLOSED = 6  # nothing more is read or produced
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.WAIT_CONNECT: frozenset({State.AUTHENTICATING, State.CLOSED}),
+    State.AUTHENTICATING: frozenset({State.CONNECTING_UPSTREAM, State.CLOSED}),
+    State.CONNECTING_UPSTREAM: frozenset({State.WAIT_CONNACK, State.CLOSED}),
+    State.WAIT_CONNACK: frozenset({State.ESTABLISHED, State.CLOSED}),
+    State.ESTABLISHED: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+"""Every state change the session may make; anything else is a bug (an AssertionError)."""
+
+# States in which client bytes are parsed as they come (otherwise they wait, unparsed, in order).
+READING_CLIENT = frozenset({State.WAIT_CONNECT, State.ESTABLISHED})
+
+
+@dataclass(slots=True)
+class Authenticate:
+    """Check these credentials, then call ``Session.auth_done`` with the result."""
+
+    username: str | None
+    password: bytes | None
+    client_id: str
+
+
+@dataclass(slots=True)
+class OpenUpstream:
+    """Connect to the upstream, then call ``upstream_connected`` or ``upstream_failed``."""
+
+
+@dataclass(slots=True)
+class Close:
+    """Write what the session handed over, then close both sides; ``reason`` is for the log."""
+
+    reason: str
+
+
+Action = Authenticate | OpenUpstream | Close
+
+
+@dataclass(slots=True)
+class AuthResult:
+    """Outcome of authentication: an access policy bound to the identity, or a refusal."""
+
+    ok: bool
+    username: str | None = None  # the authenticated identity (None = anonymous)
+    policy: AccessPolicy | None = None
+    team: str | None = None
+    bad_credentials: bool = False  # refusal reason: wrong credentials vs. not allowed at all
+    quota_exceeded: bool = False  # refusal reason: the team has all the connections it may have
+    busy: bool = False  # refusal reason: too many password checks queued (try again later)
+
+
+@dataclass(slots=True)
+class SessionSettings:
+    max_packet_size: int = 1_048_576
+    upstream_v5: bool = True  # False for the embedded MQTT 3.1.1-only broker
+    upstream_username: str | None = None
+    upstream_password: str | None = None
+    disconnect_on_deny: bool = False
+    upstream_label: str = "upstream"

@@ -1,0 +1,209 @@
+"""The session's state and its hand-over surface: outputs, the state machine, refusals and closes.
+
+:class:`SessionBase` owns every field of a session and the decisions that do not depend on
+a packet: what a timeout, a shutdown or a connection limit tells the client, how a protocol
+error or a refused CONNECT is answered, and how outputs are handed to the I/O layer
+(websockets' ``data_to_send()`` pattern: each call hands over and clears). The packet paths
+build on it: :mod:`broker.session.handshake` (CONNECT to CONNACK) and
+:mod:`broker.session.core` (the relay). No I/O here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from acl.cache import BoundedCache
+from broker.logs import log_event
+from broker.mqtt.errors import PacketTooLarge, ProtocolError
+from broker.mqtt.framer import Framer
+from broker.mqtt.packets import Connect, encode_connack, encode_disconnect
+from broker.mqtt.reasons import ConnackV3, ConnackV5, DisconnectReason
+from broker.session.api import READING_CLIENT, TRANSITIONS, AccessPolicy, Action, Close, SessionSettings, State
+from broker.session.audit import DenyLog
+from broker.session.flows import AckOrder, Qos2Refusals, SubackMerger, TopicAliases
+from broker.session.stats import Stats
+
+log = logging.getLogger("mqtt_front.session")
+
+
+class SessionBase:
+    __slots__ = (
+        "_acks",
+        "_actions",
+        "_aliases",
+        "_client_framer",
+        "_client_refused_qos2",
+        "_connect",
+        "_deny_log",
+        "_early",
+        "_out_client",
+        "_out_upstream",
+        "_publish_ok",
+        "_publish_ok_retained",
+        "_receive_ok",
+        "_state",
+        "_subacks",
+        "_upstream_dropped_qos2",
+        "_upstream_framer",
+        "assigned_client_id",
+        "client_id",
+        "peer",
+        "policy",
+        "settings",
+        "stats",
+        "team",
+        "upstream_client_id",
+        "username",
+        "v5",
+    )
+
+    def __init__(self, settings: SessionSettings, peer: str = "?", stats: Stats | None = None) -> None:
+        self.settings = settings
+        self.peer = peer
+        self.stats = stats if stats is not None else Stats()
+        self._state = State.WAIT_CONNECT
+        self.v5 = False
+        self._out_client: list[bytes] = []
+        self._out_upstream: list[bytes] = []
+        self._actions: list[Action] = []
+        self._client_framer = Framer(settings.max_packet_size)
+        self._upstream_framer = Framer()
+        self._connect: Connect | None = None
+        self.client_id = ""
+        self.upstream_client_id = ""
+        self.assigned_client_id: str | None = None
+        self.username: str | None = None
+        self.team: str | None = None
+        self.policy: AccessPolicy | None = None
+        self._aliases = TopicAliases()
+        self._acks = AckOrder()
+        self._client_refused_qos2 = Qos2Refusals()
+        self._upstream_dropped_qos2 = Qos2Refusals()
+        self._subacks = SubackMerger()
+        # Raw topic bytes already validated and allowed: the hot paths skip decoding and ACL walks.
+        self._publish_ok: BoundedCache[bytes, bool] = BoundedCache()
+        self._publish_ok_retained: BoundedCache[bytes, bool] = BoundedCache()
+        self._receive_ok: BoundedCache[bytes, bool] = BoundedCache()
+        self._deny_log: DenyLog | None = None  # created on the first denial
+        self._early = b""
+
+    # ------------------------------------------------------------------ hand-over (the I/O layer calls these)
+
+    def data_to_client(self) -> list[bytes]:
+        """Bytes to write to the client, in order; handed over once (the caller writes them, joined)."""
+        out = self._out_client
+        if out:
+            self._out_client = []
+        return out
+
+    def data_to_upstream(self) -> list[bytes]:
+        """Bytes to write to the upstream, in order; handed over once. Write them before the client's."""
+        out = self._out_upstream
+        if out:
+            self._out_upstream = []
+        return out
+
+    def take_actions(self) -> list[Action]:
+        """Slow steps the session asks for, in order; handed over once. After a Close, run nothing else."""
+        actions = self._actions
+        if actions:
+            self._actions = []
+        return actions
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        return self._state is State.CLOSED
+
+    @property
+    def reading_client(self) -> bool:
+        """Whether the I/O layer should keep reading the client (not while the handshake runs)."""
+        return self._state in READING_CLIENT
+
+    # ------------------------------------------------------------------ events without a packet
+
+    def refuse_at_accept(self, reason: str) -> None:
+        """A connection limit refuses the client before any CONNECT is read: close at once."""
+        self.stats.connect_result = "limit"
+        self._close(reason)
+
+    def connect_timed_out(self, timeout: float) -> None:
+        """The I/O layer's timer: no CONNECT within ``timeout`` seconds closes the connection."""
+        if self._state is State.WAIT_CONNECT:
+            log.info("no CONNECT from %s within %.0fs", self.peer, timeout)
+            self.stats.connect_result = "limit"
+            self._close("connect timeout")
+
+    def server_shutdown(self) -> None:
+        """The process is stopping: v5 clients are told so (DISCONNECT 0x8B) before the close."""
+        if self.v5 and self._state is State.ESTABLISHED:
+            self._out_client.append(encode_disconnect(DisconnectReason.SERVER_SHUTTING_DOWN, "server shutting down"))
+        self._close("server shutting down")
+
+    def connection_closed(self) -> None:
+        """The I/O layer closed the connection: no more bytes are read or produced (no Close action)."""
+        self._set_state(State.CLOSED)
+
+    # ------------------------------------------------------------------ state and closing
+
+    def _set_state(self, new: State) -> None:
+        """The one place the state changes, checked against :data:`broker.session.api.TRANSITIONS`."""
+        old = self._state
+        if new is old:
+            return
+        if new not in TRANSITIONS[old]:
+            raise AssertionError(f"session state {old.name} -> {new.name} is not a transition")
+        self._state = new
+
+    def _close(self, reason: str) -> None:
+        if self._state is not State.CLOSED:
+            self._set_state(State.CLOSED)
+            self._actions.append(Close(reason))
+
+    def _protocol_error(self, exc: ProtocolError, side: str) -> None:
+        log.info("protocol error from %s %s: %s", side, self.peer, exc)
+        self.stats.protocol_errors += 1
+        if self._state is not State.ESTABLISHED and not self.stats.connect_result:
+            self.stats.connect_result = "limit" if isinstance(exc, PacketTooLarge) else "protocol_error"
+        if self.v5 and self._state is State.ESTABLISHED:
+            self._out_client.append(encode_disconnect(exc.reason_code))
+        elif self.v5 and self._state is State.WAIT_CONNECT:
+            self._out_client.append(encode_connack(True, False, exc.reason_code))
+        self._close(f"protocol error ({side}): {exc}")
+
+    def _upstream_protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("protocol error from upstream for %s: %s", self.peer, exc)
+        if self._state is State.ESTABLISHED and self.v5:
+            self._out_client.append(encode_disconnect(DisconnectReason.UNSPECIFIED))
+        elif self._state is State.WAIT_CONNACK:
+            self.stats.connect_result = "upstream_unavailable"
+            code = ConnackV5.SERVER_UNAVAILABLE if self.v5 else ConnackV3.SERVER_UNAVAILABLE
+            self._out_client.append(encode_connack(self.v5, False, code))
+        self._close(f"upstream protocol error: {exc}")
+
+    def _refuse_connect(self, v3_code: int, v5_code: int, reason: str, result: str = "protocol_error") -> None:
+        if not self.stats.connect_result:
+            self.stats.connect_result = result
+        log_event(
+            log,
+            logging.INFO,
+            "connect_refused",
+            peer=self.peer,
+            user=self.username if self.username is not None else (self._connect.username if self._connect else None),
+            client=self.client_id,
+            result=result,
+            reason=reason,
+        )
+        code = v5_code if self.v5 else v3_code
+        self._out_client.append(encode_connack(self.v5, False, code))
+        self._close(f"connect refused: {reason}")
+
+    def _deny(self, action: str, topic: str, retain: bool = False) -> None:
+        """Log a denial (rate-limited per session); the caller counts it in stats."""
+        deny_log = self._deny_log
+        if deny_log is None:
+            deny_log = self._deny_log = DenyLog(self.policy, self.username, self.client_id, self.team, self.peer)
+        deny_log.deny(action, topic, retain)

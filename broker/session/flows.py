@@ -1,0 +1,115 @@
+"""Per-flow state of one session: ack ordering, QoS 2 refusals, SUBACK merging, topic aliases.
+
+Each class keeps the state of one kind of packet flow and answers one question about it; the
+session (``broker.session.core``) decides when to ask. None of them touches I/O or logs.
+The allowed-topic caches are :class:`acl.cache.BoundedCache` instances, shared with the ACL engine.
+"""
+
+from __future__ import annotations
+
+from broker.mqtt.errors import TopicAliasInvalid
+from broker.mqtt.packets import SubAck, encode_suback
+from broker.mqtt.reasons import SubackReason
+
+
+class AckOrder:
+    """Acks must reach the client in PUBLISH order [MQTT-4.6.0-2/3].
+
+    The front broker answers refused publishes itself; such an ack must wait behind the
+    upstream's acks of publishes forwarded before it. ``inflight`` maps the packet id of each
+    forwarded QoS 1/2 publish to its sequence number (the relay hot path fills it inline:
+    ``seq += 1; inflight[packet_id] = seq``); ``held`` keeps our own acks with the sequence
+    number they wait for.
+    """
+
+    __slots__ = ("held", "inflight", "seq")
+
+    def __init__(self) -> None:
+        self.inflight: dict[int, int] = {}  # packet id -> sequence number, in forwarding order
+        self.held: list[tuple[int, bytes]] = []  # (sequence number it waits for, ack)
+        self.seq = 0
+
+    def refused(self, ack: bytes) -> bytes | None:
+        """Our ack for a refused publish: returned to send now, or held (None) behind earlier ones."""
+        if self.inflight:
+            self.held.append((self.seq, ack))
+            return None
+        return ack
+
+    def release(self) -> bytes:
+        """Our held acks whose earlier forwarded publishes are all acknowledged now (call after a pop)."""
+        first_open = next(iter(self.inflight.values()), None)
+        held = self.held
+        i = 0
+        while i < len(held) and (first_open is None or held[i][0] < first_open):
+            i += 1
+        released = b"".join(ack for _, ack in held[:i])
+        del held[:i]
+        return released
+
+
+class Qos2Refusals:
+    """Packet ids of QoS 2 flows the front broker ended itself, so it also answers their PUBREL.
+
+    One per direction: publishes of the client it refused (v3.1.1: PUBREC sent, PUBREL to
+    answer with PUBCOMP), and deliveries it dropped on the client's behalf (upstream side).
+    """
+
+    __slots__ = ("ids",)
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+
+    def refuse(self, packet_id: int) -> None:
+        self.ids.add(packet_id)
+
+    def complete(self, packet_id: int) -> bool:
+        """True (and forgotten) if ``packet_id``'s flow was one of ours: answer its PUBREL here."""
+        if packet_id in self.ids:
+            self.ids.discard(packet_id)
+            return True
+        return False
+
+
+class SubackMerger:
+    """SUBSCRIBEs forwarded in part: our refusal codes to put back into the upstream's SUBACK."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        # Per original filter position: None = forwarded upstream, int = our own refusal code.
+        self.pending: dict[int, list[int | None]] = {}
+
+    def expect(self, packet_id: int, codes: list[int | None]) -> None:
+        self.pending[packet_id] = codes
+
+    def merge(self, suback: SubAck, v5: bool) -> bytes | None:
+        """The SUBACK to send the client instead (None: not one of ours, forward it as is)."""
+        codes = self.pending.pop(suback.packet_id, None)
+        if codes is None:
+            return None
+        upstream_codes = iter(suback.reason_codes)
+        merged = [next(upstream_codes, SubackReason.FAILURE) if c is None else c for c in codes]
+        return encode_suback(v5, suback.packet_id, merged, suback.properties)
+
+
+class TopicAliases:
+    """The client's topic-alias map (client to front broker); the upstream never sees aliases."""
+
+    __slots__ = ("maximum", "topics")
+
+    def __init__(self) -> None:
+        self.maximum = 0  # what the upstream's CONNACK offered the client
+        self.topics: dict[int, str] = {}
+
+    def resolve(self, alias: int, topic: str) -> str:
+        """The full topic of a PUBLISH carrying ``alias`` (setting the alias when ``topic`` is given)."""
+        if alias > self.maximum:
+            raise TopicAliasInvalid(f"topic alias {alias} above the maximum {self.maximum}")
+        if topic:
+            self.topics[alias] = topic
+            return topic
+        known = self.topics.get(alias)
+        if known is None:
+            raise TopicAliasInvalid(f"topic alias {alias} was never set")
+        return known

@@ -1,0 +1,112 @@
+"""``mqtt-front run --workers 2``: processes sharing the listeners, metrics served as one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import yaml
+
+from tests.support.cli import mqtt_front
+from tests.support.front import PASSWORD
+from tests.support.mosquitto import Mosquitto
+from tests.support.ops import Scrape, http_request
+from tests.support.ports import free_port, wait_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+Workers = tuple[subprocess.Popen[bytes], int, int]  # (the parent process, MQTT port, metrics port)
+
+
+@pytest.fixture
+def workers(tmp_path: Path, mosquitto: Mosquitto, users_file: Path) -> Iterator[Workers]:
+    port, metrics_port = free_port(), free_port()
+    config = {
+        "listeners": [{"name": "mqtt", "type": "tcp", "bind": f"127.0.0.1:{port}"}],
+        "upstream": {"url": mosquitto.url},
+        "auth": {"users_file": str(users_file)},
+        "acl": {"preset": "flowfuse"},
+        "metrics": {"bind": f"127.0.0.1:{metrics_port}"},
+    }
+    path = tmp_path / "front.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "front.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*mqtt_front(), "run", "-c", str(path), "--workers", "2"], stdout=log, stderr=log)
+    try:
+        wait_port(port)
+        wait_port(metrics_port)
+        yield proc, port, metrics_port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        finally:
+            log.close()
+            if proc.poll() is None:
+                proc.kill()
+
+
+async def until_two_workers(proc: subprocess.Popen[bytes], metrics_port: int) -> None:
+    async with asyncio.timeout(15):
+        while True:
+            status, _, _ = await http_request(metrics_port, "/readyz")
+            if len(children(proc.pid)) == 2 and status == 200:  # every worker bound and ready
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_two_workers_serve_clients_and_one_metrics_endpoint(
+    workers: Workers,
+) -> None:
+    proc, port, metrics_port = workers
+    await until_two_workers(proc, metrics_port)
+    pids = children(proc.pid)
+    assert len(pids) == 2
+    fds_before = {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in pids}
+    kw = {"hostname": "127.0.0.1", "port": port, "password": PASSWORD}
+    clients = [
+        aiomqtt.Client(username="project:team1:p1", identifier=f"project:team1:p1:w{i}", **kw)  # type: ignore[arg-type]
+        for i in range(16)
+    ]
+    for client in clients:
+        await client.__aenter__()
+    try:
+        # The kernel spreads connections over both workers (SO_REUSEPORT): each holds some of them
+        # (16 clients all landing on one worker has probability 2 * 2**-16).
+        grown = [len(os.listdir(f"/proc/{pid}/fd")) - fds_before[pid] for pid in pids]
+        assert all(n > 0 for n in grown), grown
+        status, _, body = await http_request(metrics_port, "/metrics")
+        assert status == 200, body
+        scrape = Scrape(body.decode())
+        assert scrape.get("mqtt_front_connections", listener="mqtt", team="team1") == 16
+        assert scrape.get("mqtt_front_build_info", version="0.1.0") == 1  # not summed over workers
+        status, _, body = await http_request(metrics_port, "/readyz")
+        assert status == 200 and json.loads(body)["status"] == "ready"
+        await clients[0].publish("ff/v1/team1/p/p1/out/x", b"1", qos=1)
+        status, _, body = await http_request(metrics_port, "/metrics")
+        assert Scrape(body.decode()).get("mqtt_front_messages_total", team="team1", direction="in") == 1
+    finally:
+        for client in clients:
+            await client.__aexit__(None, None, None)
+
+
+async def test_a_dead_worker_is_reported_and_stops_the_rest(workers: Workers) -> None:
+    proc, _, metrics_port = workers
+    await until_two_workers(proc, metrics_port)
+    victim = children(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    # The parent notices, stops the other worker and exits non-zero: a supervisor restarts it whole.
+    assert await asyncio.to_thread(proc.wait, 15) == 1

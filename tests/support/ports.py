@@ -1,0 +1,44 @@
+"""Loopback ports: a free one to bind, and waiting until something listens on one."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+
+def free_port() -> int:
+    """A free loopback port below the ephemeral range (32768-60999 here).
+
+    Port 0 would hand out an ephemeral port, which an outgoing connection of the same suite can
+    take before the process under test binds it; random ports below that range cannot be.
+    """
+    low, high = 20000, _ephemeral_low() - 1
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(21000, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
