@@ -14,13 +14,13 @@ import base64
 import os
 import socket
 import time
-import uuid
 
 import pytest
 
-from broker.mqtt.primitives import encode_varint
 from broker.server import FrontBroker
-from tests.support.front import PASSWORD, FrontFactory, front_port
+from tests.support import mqtt_bytes
+from tests.support.front import PASSWORD, FrontFactory, front_port, uid
+from tests.support.mqtt_bytes import subscribe, ws_client_frame
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,27 +29,12 @@ BYSTANDER = "project:team1:p2"
 WRITE_BUFFER_BOUND = 512 * 1024  # far above the transports' high-water marks (64 KiB)
 
 
-def uid() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + encode_varint(len(body)) + body
-
-
-def s(raw: bytes | str) -> bytes:
-    data = raw.encode() if isinstance(raw, str) else raw
-    return len(data).to_bytes(2, "big") + data
-
-
 def connect(user: str, client_id: str | None = None, password: bytes = PASSWORD.encode()) -> bytes:
-    cid = client_id if client_id is not None else f"{user}:{uid()}"
-    return packet(0x10, s("MQTT") + b"\x05\xc2\x00\x3c\x00" + s(cid) + s(user) + s(password))
+    return mqtt_bytes.connect(client_id if client_id is not None else f"{user}:{uid()}", user, password, v5=True)
 
 
 def publish(topic: str, payload: bytes, packet_id: int = 0) -> bytes:
-    first, pid = (0x32, packet_id.to_bytes(2, "big")) if packet_id else (0x30, b"")
-    return packet(first, s(topic) + pid + b"\x00" + payload)
+    return mqtt_bytes.publish(topic, payload, v5=True, qos=1 if packet_id else 0, packet_id=packet_id)
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -77,7 +62,7 @@ class Bystander:
         first, body = await asyncio.wait_for(read_packet(reader), 5)
         assert first == 0x20 and body[1] == 0, body
         topic = f"ff/v1/team1/c/{uid()}"
-        writer.write(packet(0x82, b"\x00\x01\x00" + s(topic) + b"\x01"))
+        writer.write(subscribe([(topic, 1)], v5=True))
         first, body = await asyncio.wait_for(read_packet(reader), 5)
         assert first == 0x90 and body[-1] == 1, body
         return cls(reader, writer, topic)
@@ -157,13 +142,6 @@ async def test_never_reading_client_with_refused_qos1_publishes(make_front: Fron
         bystander.close()
 
 
-def ws_frame(opcode: int, payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    assert len(payload) < 126
-    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
-
-
 async def test_never_reading_websocket_client_with_ping_flood(make_front: FrontFactory) -> None:
     front = await make_front(
         listeners=[
@@ -180,9 +158,9 @@ async def test_never_reading_websocket_client_with_ping_flood(make_front: FrontF
             b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
         )
-        await loop.sock_sendall(sock, upgrade + ws_frame(2, connect(ATTACKER)))
+        await loop.sock_sendall(sock, upgrade + ws_client_frame(connect(ATTACKER), 2))
         await asyncio.sleep(0.3)
-        pings = ws_frame(9, b"p" * 125) * 2000  # each answered by a 127-byte pong
+        pings = ws_client_frame(b"p" * 125, 9) * 2000  # each answered by a 127-byte pong
         largest = await flood(sock, pings, 4.0, front)
         assert largest < WRITE_BUFFER_BOUND, f"client write buffer grew to {largest} bytes"
         await bystander.check()
@@ -199,7 +177,7 @@ async def test_long_topics_are_not_cached(make_front: FrontFactory) -> None:
         writer.write(connect(ATTACKER))
         first, body = await asyncio.wait_for(read_packet(reader), 5)
         assert first == 0x20 and body[1] == 0
-        writer.write(packet(0x82, b"\x00\x01\x00" + s("ff/v1/team1/p/p1/out/#") + b"\x00"))
+        writer.write(subscribe([("ff/v1/team1/p/p1/out/#", 0)], v5=True))
         first, _ = await asyncio.wait_for(read_packet(reader), 5)
         assert first == 0x90
         base = "ff/v1/team1/p/p1/out/"

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import pytest
 
-from broker.mqtt.framer import Framer
 from broker.mqtt.packets import (
     Connack,
-    Connect,
     PacketType,
     Subscribe,
     Will,
@@ -23,15 +20,15 @@ from broker.mqtt.packets import (
     decode_subscribe,
     encode_ack,
     encode_connack,
-    encode_connect,
     encode_disconnect,
-    encode_publish,
     encode_suback,
     encode_subscribe,
 )
 from broker.mqtt.primitives import encode_varint
 from broker.mqtt.properties import Prop
 from broker.session import Authenticate, AuthResult, Close, OpenUpstream, SessionSettings, State
+from tests.support import mqtt_bytes
+from tests.support.mqtt_bytes import mstr, pkt, split_packets
 from tests.support.session_driver import DrivenSession
 
 UP_USER = "front-broker"
@@ -63,25 +60,6 @@ class FakePolicy:
 # ---------------------------------------------------------------- helpers
 
 
-def pkt(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + encode_varint(len(body)) + body
-
-
-def mstr(text: str | bytes) -> bytes:
-    raw = text.encode() if isinstance(text, str) else text
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def split_packets(chunks: Iterable[bytes]) -> list[bytes]:
-    chunk, ends = Framer().feed(b"".join(chunks))
-    out, prev = [], 0
-    for end in ends:
-        out.append(chunk[prev:end])
-        prev = end
-    assert prev == len(chunk), "output ends in a partial packet"
-    return out
-
-
 def connect_bytes(
     v5: bool = True,
     client_id: str = "alice",
@@ -91,18 +69,8 @@ def connect_bytes(
     will: Will | None = None,
     props: dict[int, Any] | None = None,
 ) -> bytes:
-    return encode_connect(
-        Connect(
-            level=5 if v5 else 4,
-            clean_start=clean,
-            keepalive=30,
-            client_id=client_id,
-            properties=props or {},
-            will=will,
-            username=username,
-            password=password,
-        )
-    )
+    """This module's CONNECT: alice with her password unless told otherwise."""
+    return mqtt_bytes.connect(client_id, username, password, v5=v5, clean=clean, will=will, props=props, keepalive=30)
 
 
 def publish(
@@ -114,7 +82,7 @@ def publish(
     props: dict[int, Any] | None = None,
     retain: bool = False,
 ) -> bytes:
-    return encode_publish(qos, retain, False, topic, packet_id if qos else 0, (props or {}) if v5 else None, payload)
+    return mqtt_bytes.publish(topic, payload, v5=v5, qos=qos, packet_id=packet_id, retain=retain, props=props)
 
 
 def new_session(**kwargs: Any) -> DrivenSession:
