@@ -6,7 +6,9 @@ import re
 
 from acl.identity import Identity
 
-PLACEHOLDER_NAMES: frozenset[str] = frozenset({"team", "project", "device", "username", "clientid"})
+# team, project, device, user and session come from the username form (acl.identity); an identity whose
+# form has no such part has no value for it, so rules using it do not apply to that identity.
+PLACEHOLDER_NAMES: frozenset[str] = frozenset({"team", "project", "device", "user", "session", "username", "clientid"})
 
 # A whole `${name}` token; names are validated against PLACEHOLDER_NAMES separately for a clear error.
 PLACEHOLDER_RE = re.compile(r"\$\{([^}]*)\}")
@@ -28,6 +30,8 @@ def placeholder_values(identity: Identity, client_id: str) -> dict[str, str]:
         "team": identity.team,
         "project": identity.project,
         "device": identity.device,
+        "user": identity.user,
+        "session": identity.session,
         "username": identity.username,
         "clientid": client_id,
     }

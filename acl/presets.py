@@ -24,6 +24,10 @@ _FLOWFUSE: list[Rule] = [
     Rule("device", _A, _B, f"{_T}/d/${{device}}/#"),
     # The platform is trusted by FlowFuse with every team's topics.
     Rule("platform", _A, _B, "ff/v1/#"),
+    # FlowFuse's MQTT nodes share the Team Broker space like team clients; the team's agent only listens
+    # there (FlowFuse answers every agent publish "deny"). Appended so earlier rule indices stay.
+    Rule("teamnode", _A, _B, f"{_T}/c/#"),
+    Rule("teamagent", _A, _S, f"{_T}/c/#"),
 ]
 
 PRESETS: dict[str, list[Rule]] = {

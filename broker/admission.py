@@ -1,27 +1,54 @@
-"""Admission: who may connect, as whom, and whether their team still has room.
+"""Admission: who may connect, as whom, under which mountpoint, and whether their team still has room.
 
-For each CONNECT the session asks about (an :class:`~broker.session.api.Authenticate`
-action), :class:`Admission` decides the identity (the verified client certificate on a
-``use_identity_as_username`` listener, else the username and password through the users
-file), binds the ACL engine to it, and counts the connection against
-``limits.max_connections_per_team``. Every refusal is an :class:`~broker.session.api.AuthResult`;
-the session turns it into the CONNACK. Fails closed on any error in the auth path.
+For each CONNECT the session asks about (an :class:`~broker.session.api.Authenticate` action),
+:class:`Admission` decides the identity through the backends in order:
+
+1. the verified client certificate, on a ``use_identity_as_username`` listener;
+2. the users file (``auth.users_file``): a user known to it is decided by it;
+3. a JWT (``auth.jwt``) when the token field holds one;
+4. the platform (``auth.http``): one request per CONNECT, never retried (one-time credentials);
+5. otherwise the users file's verdict (unknown user, anonymous).
+
+It then binds the access policy (the local ACL engine, or the platform with ``acl.source: http``,
+with a JWT's ACL claim in front), the mountpoint (the platform's ``client_attrs``, a JWT claim, or
+``acl.mountpoints`` for local identities), the client-id rule of the identity's form, and counts
+the connection against ``limits.max_connections_per_team``. Every refusal is an
+:class:`~broker.session.api.AuthResult`; the session turns it into the CONNACK. Fails closed on any
+error in the auth path.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from acl.client_ids import client_id_rule
 from acl.engine import AclEngine
-from acl.identity import parse_identity
+from acl.identity import Identity, parse_identity
+from acl.placeholders import PLACEHOLDER_RE, placeholder_values
+from broker.auth.jwt import JwtVerdict, JwtVerifier
+from broker.auth.platform import PlatformClient
+from broker.auth.platform_acl import PlatformPolicy
 from broker.auth.users import Authenticator, username_problem
+from broker.config import AclConfig, HttpAuthConfig
 from broker.edge.tls import TlsContexts, peer_identity
 from broker.logs import log_event
 from broker.ops.metrics import TeamLabels
 from broker.relay import ClientTransport
-from broker.session import Authenticate, AuthResult
+from broker.session import AccessPolicy, Authenticate, AuthResult, CheckAccess
+from broker.session.api import ClientIdRule
+from broker.session.mount import mountpoint_problem
 
 log = logging.getLogger("mqtt_front.server")
+
+
+def looks_like_jwt(token: str | bytes | None) -> bool:
+    """Three base64url segments: worth a signature check (anything else goes to the other backends)."""
+    if not token:
+        return False
+    text = token.decode("ascii", "replace") if isinstance(token, bytes) else token
+    parts = text.split(".")
+    return len(parts) == 3 and all(parts[:2]) and all(c.isalnum() or c in "-_" for c in "".join(parts))
 
 
 class Admission:
@@ -29,15 +56,23 @@ class Admission:
         self,
         authenticator: Authenticator,
         acl: AclEngine,
+        acl_config: AclConfig,
         tls: TlsContexts,
         teams: TeamLabels,
         max_per_team: int | None,
+        platform: PlatformClient | None = None,
+        http_config: HttpAuthConfig | None = None,
+        jwt: JwtVerifier | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.acl = acl
+        self.acl_config = acl_config
         self.tls = tls
         self.teams = teams  # metrics: team labels go to teams in the order they first authenticate
         self.max_per_team = max_per_team
+        self.platform = platform
+        self.http_config = http_config
+        self.jwt = jwt
         self.team_connections: dict[str, int] = {}  # authenticated connections per team, for the team cap
 
     async def admit(
@@ -61,40 +96,121 @@ class Admission:
         """
         problem = "no client certificate" if username is None else username_problem(username)
         if problem is not None:
-            log_event(
-                log,
-                logging.INFO,
-                "connect_refused",
-                peer=peer,
-                user=username,
-                client=client_id,
-                result="not_authorized",
-                reason=f"certificate identity: {problem}",
-            )
+            self._refused(peer, username, client_id, f"certificate identity: {problem}")
             return AuthResult(False)
-        return self._bind(username, client_id)
+        return self._bind(username, client_id, peer)
 
     async def authorize(self, username: str | None, password: bytes | None, client_id: str, peer: str) -> AuthResult:
-        if username is not None and (problem := username_problem(username)) is not None:
-            # Fail closed even if a future auth backend accepts such a name: to the client
-            # it is simply an unknown user.
-            log.warning("unusable username from %s (%s): refused as bad credentials", peer, problem)
-            return AuthResult(False, bad_credentials=True)
         try:
-            verdict = await self.authenticator.check(username, password)
+            return await self._authorize(username, password, client_id, peer)
         except Exception:  # fail closed on any error in the auth path
             log.exception("authentication error for %s", peer)
             return AuthResult(False)
-        if not verdict.ok:
-            # The session logs the connect_refused event (one line per refusal).
-            return AuthResult(False, bad_credentials=verdict.bad_credentials, busy=verdict.busy)
-        return self._bind(username, client_id)
 
-    def _bind(self, username: str | None, client_id: str) -> AuthResult:
+    async def _authorize(self, username: str | None, password: bytes | None, client_id: str, peer: str) -> AuthResult:
+        known_locally = username is not None and username in self.authenticator.users
+        if not known_locally and self.jwt is not None:
+            token = password if self.jwt.token_from == "password" else username
+            if looks_like_jwt(token):
+                return self._bind_jwt(self.jwt.verify(username, password), client_id, peer)
+        if not known_locally and self.platform is not None and username is not None:
+            verdict = await self.platform.authenticate(username, password, client_id)
+            if not verdict.ok:
+                # The session logs the connect_refused event; a platform that did not answer is "unavailable".
+                return AuthResult(False, bad_credentials=verdict.reason == "deny", unavailable=verdict.reason != "deny")
+            mount = verdict.client_attrs.get(self.http_config.team_attr, "") if self.http_config else ""
+            superuser = verdict.superuser and self.http_config is not None and self.http_config.honor_superuser
+            return self._bind(username, client_id, peer, mount=mount, superuser=superuser)
+        if username is not None and (problem := username_problem(username)) is not None:
+            # Fail closed even if another backend would accept such a name: to the client it is an unknown user.
+            log.warning("unusable username from %s (%s): refused as bad credentials", peer, problem)
+            return AuthResult(False, bad_credentials=True)
+        verdict_local = await self.authenticator.check(username, password)
+        if not verdict_local.ok:
+            return AuthResult(False, bad_credentials=verdict_local.bad_credentials, busy=verdict_local.busy)
+        return self._bind(username, client_id, peer)
+
+    def _bind_jwt(self, verdict: JwtVerdict, client_id: str, peer: str) -> AuthResult:
+        if not verdict.ok or verdict.identity is None:
+            self._refused(peer, verdict.identity, client_id, f"jwt: {verdict.reason}")
+            return AuthResult(False, bad_credentials=True)
+        return self._bind(verdict.identity, client_id, peer, mount=verdict.mountpoint or None, jwt=verdict)
+
+    def _bind(
+        self,
+        username: str | None,
+        client_id: str,
+        peer: str,
+        *,
+        mount: str | None = None,
+        superuser: bool = False,
+        jwt: JwtVerdict | None = None,
+    ) -> AuthResult:
         identity = parse_identity(username)
+        if mount is None:
+            mount = self._local_mountpoint(identity, client_id)
+            if mount is None:
+                self._refused(peer, username, client_id, "acl.mountpoints: the identity has no value for the template")
+                return AuthResult(False)
+        if mount and (problem := mountpoint_problem(mount)) is not None:
+            self._refused(peer, username, client_id, problem)
+            return AuthResult(False, unavailable=True)
+        policy: AccessPolicy
+        if self.acl_config.source == "http" and self.platform is not None:
+            policy = PlatformPolicy(self.platform, username, client_id, superuser)
+        else:
+            policy = self.acl.for_client(identity, client_id)
+        if jwt is not None:
+            policy = jwt.access_policy(policy, client_id)  # the token's ACL claim comes first
         self.teams.label(identity.team)
-        policy = self.acl.for_client(identity, client_id)
-        return AuthResult(True, username, policy, identity.team)
+        rule = client_id_rule(identity, self.acl_config.client_id_suffix)
+        return AuthResult(
+            True,
+            username,
+            policy,
+            identity.team,
+            client_id_rule=ClientIdRule(rule),
+            mountpoint=mount,
+            expires_at=jwt.expires_at if jwt is not None else None,
+        )
+
+    def _local_mountpoint(self, identity: Identity, client_id: str) -> str | None:
+        """``acl.mountpoints`` for the identity's kind, placeholders filled in ("" = none, None = unusable)."""
+        template = self.acl_config.mountpoints.get(identity.kind.value)  # type: ignore[call-overload]
+        if not template:
+            return ""
+        values = placeholder_values(identity, client_id)
+        missing = False
+
+        def fill(match: Any) -> str:
+            nonlocal missing
+            value = values.get(match.group(1))
+            if value is None:
+                missing = True
+                return ""
+            return value
+
+        mount = PLACEHOLDER_RE.sub(fill, template)
+        return None if missing else mount
+
+    async def decide(self, policy: AccessPolicy | None, check: CheckAccess) -> bool:
+        """A CheckAccess of a session: the policy's own asynchronous decision, or a deny."""
+        decide = getattr(policy, "decide", None)
+        if decide is None:
+            return False
+        return bool(await decide(check.action, check.topic, check.retain))
+
+    def _refused(self, peer: str, user: str | None, client: str, reason: str) -> None:
+        log_event(
+            log,
+            logging.INFO,
+            "connect_refused",
+            peer=peer,
+            user=user,
+            client=client,
+            result="not_authorized",
+            reason=reason,
+        )
 
     def take_team_slot(self, team: str) -> bool:
         """Count one more connection for ``team``, unless limits.max_connections_per_team is reached."""

@@ -244,15 +244,83 @@ class LimitsConfig(_Model):
     max_connections_per_team: int | None = Field(default=None, ge=1)
 
 
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
+class HttpAuthConfig(_Model):
+    """The platform decides (``auth.http``): EMQX 5's HTTP authn/authz protocol, or mosquitto-go-auth's."""
+
+    style: Literal["emqx", "go-auth"] = "emqx"
+    auth_url: Annotated[str, AfterValidator(_http_url)]
+    acl_url: Annotated[str, AfterValidator(_http_url)] | None = None  # needed with acl.source: http
+    timeout: float = Field(default=5.0, gt=0)  # seconds per request; then the answer is "deny"
+    cache_ttl: float = Field(default=60.0, ge=0)  # seconds an allow is reused
+    negative_cache_ttl: float = Field(default=5.0, ge=0)  # seconds a deny is reused
+    max_concurrency: int = Field(default=64, ge=1)  # requests in flight to the platform
+    # Header values: a literal, or "file:/path" (the file's first line) or "env:NAME" (resolved at start).
+    headers: dict[str, str] = Field(default_factory=dict)
+    ca_file: Path | None = None  # verify an https:// platform against this CA bundle (default: the system's)
+    honor_superuser: bool = False  # emqx: is_superuser true skips ACL calls
+    team_attr: str = "team"  # emqx: the client_attrs key holding the session's mountpoint
+
+
+JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"]
+_DEFAULT_JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = ("HS256", "RS256", "ES256")
+
+
+class JwtAuthConfig(_Model):
+    """JSON Web Tokens (``auth.jwt``) for browsers and short-lived clients."""
+
+    token_from: Literal["password", "username"] = "password"
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: list(_DEFAULT_JWT_ALGORITHMS), min_length=1)
+    secret: str | None = None  # HS256 shared secret
+    secret_file: Path | None = None
+    public_keys: list[Path] = Field(default_factory=list)  # PEM public keys (RS256/ES256)
+    jwks_file: Path | None = None  # a JWKS document; re-read on SIGHUP
+    issuer: str | None = None
+    audience: str | None = None
+    leeway: float = Field(default=30.0, ge=0)  # seconds of clock skew allowed on exp/nbf/iat
+    identity_claim: str = "sub"  # the claim that becomes the MQTT identity (username)
+    acl_claim: str | None = "acl"  # EMQX-style [{permission, action, topic}], applied before other rules
+    mountpoint_claim: str | None = None
+
+    @model_validator(mode="after")
+    def _keys(self) -> JwtAuthConfig:
+        if not (self.secret or self.secret_file or self.public_keys or self.jwks_file):
+            raise ValueError("auth.jwt needs a key: secret, secret_file, public_keys or jwks_file")
+        return self
+
+
 class AuthConfig(_Model):
     users_file: Path | None = None
     allow_anonymous: bool = False
     cache_ttl: float = Field(default=60.0, ge=0)
     max_pending: int = Field(default=1024, ge=1)  # queued password checks; more: CONNACK server busy
+    http: HttpAuthConfig | None = None  # asked after users_file: a user known to the file is decided by it
+    jwt: JwtAuthConfig | None = None
+
+
+IdentityKindName = Literal[
+    "project",
+    "device",
+    "platform",
+    "teamclient",
+    "teamnode",
+    "teamagent",
+    "frontend",
+    "teamfrontend",
+    "expertclient",
+    "expertagent",
+    "user",
+]
 
 
 class AclRuleConfig(_Model):
-    who: Literal["project", "device", "platform", "teamclient", "user", "anonymous", "any"]
+    who: IdentityKindName | Literal["anonymous", "any"]
     effect: Literal["allow", "deny"]
     action: Literal["publish", "subscribe", "both"]
     pattern: str = Field(min_length=1)
@@ -260,10 +328,15 @@ class AclRuleConfig(_Model):
 
 
 class AclConfig(_Model):
+    source: Literal["local", "http"] = "local"  # http: the platform (auth.http.acl_url) decides every check
     preset: Literal["flowfuse", "none"] = "flowfuse"
     rules: list[AclRuleConfig] = Field(default_factory=list)
     share_groups: list[str] | None = None
     deny_action: Literal["ignore", "disconnect"] = "ignore"
+    # Team Broker identities: the client id must equal the username; true also allows "<username>:<anything>".
+    client_id_suffix: bool = False
+    # Mountpoints of local identities by kind, e.g. {teamclient: "ff/v1/${team}/c/"}; placeholders as in rules.
+    mountpoints: dict[IdentityKindName, str] = Field(default_factory=dict)
 
 
 class LoggingConfig(_Model):
@@ -301,6 +374,12 @@ class Config(_Model):
     metrics: MetricsConfig | None = None
 
     @model_validator(mode="after")
+    def _acl_source(self) -> Config:
+        if self.acl.source == "http" and (self.auth.http is None or self.auth.http.acl_url is None):
+            raise ValueError("acl.source: http needs auth.http.acl_url")
+        return self
+
+    @model_validator(mode="after")
     def _unique_listeners(self) -> Config:
         names = [item.name for item in self.listeners]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -331,14 +410,34 @@ def parse_config(data: Any, base_dir: Path | None = None) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration:\n{_format_errors(exc)}") from None
-    users_file = config.auth.users_file
-    if users_file is not None and not users_file.is_absolute() and base_dir is not None:
-        auth = config.auth.model_copy(update={"users_file": base_dir / users_file})
-        config = config.model_copy(update={"auth": auth})
+    if base_dir is not None:
+        config = _resolve_auth_paths(config, base_dir)
     if base_dir is not None:
         config = _resolve_upstream_paths(config, base_dir)
         config = _resolve_listener_tls_paths(config, base_dir)
     return config
+
+
+def _resolve_auth_paths(config: Config, base_dir: Path) -> Config:
+    """Relative users_file, auth.http.ca_file and auth.jwt key paths are relative to the configuration's folder."""
+
+    def rel(path: Path | None) -> Path | None:
+        return base_dir / path if path is not None and not path.is_absolute() else path
+
+    auth = config.auth
+    update: dict[str, Any] = {"users_file": rel(auth.users_file)}
+    if auth.http is not None:
+        update["http"] = auth.http.model_copy(update={"ca_file": rel(auth.http.ca_file)})
+    if auth.jwt is not None:
+        jwt = auth.jwt
+        update["jwt"] = jwt.model_copy(
+            update={
+                "secret_file": rel(jwt.secret_file),
+                "jwks_file": rel(jwt.jwks_file),
+                "public_keys": [rel(path) for path in jwt.public_keys],
+            }
+        )
+    return config.model_copy(update={"auth": auth.model_copy(update=update)})
 
 
 def _resolve_listener_tls_paths(config: Config, base_dir: Path) -> Config:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from broker.logs import format_peer
-from broker.session import Authenticate, AuthResult, Close, OpenUpstream, Session, SessionSettings
+from broker.session import Authenticate, AuthResult, CheckAccess, Close, OpenUpstream, Session, SessionSettings
 
 log = logging.getLogger("mqtt_front.connection")
 
@@ -60,6 +60,9 @@ class ConnectionHost(Protocol):
     def release_team(self, team: str) -> None:
         """Give back the team slot an admitted connection held."""
 
+    def decide_access(self, conn: ClientConnection, check: CheckAccess) -> Awaitable[bool]:
+        """Decide what the session's policy did not know yet (the platform); False on any failure."""
+
     def open_upstream(self, conn: ClientConnection) -> Awaitable[asyncio.Transport]:
         """A transport to the upstream whose protocol feeds ``conn``; raises when none answers."""
 
@@ -87,6 +90,8 @@ class ClientConnection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._read_paused = False
+        self._upstream_paused = False  # upstream reading paused (the client is full, or a delivery waits)
+        self._expiry: asyncio.TimerHandle | None = None  # the credentials' expiry (a JWT's exp)
         self._upstream_full = False  # upstream write buffer above its high-water mark
         self._client_full = False  # client write buffer above its high-water mark
         self._started = time.monotonic()
@@ -127,14 +132,10 @@ class ClientConnection(asyncio.Protocol):
         # too (the front broker answers some packets itself: acks of refused publishes, SUBACKs,
         # WebSocket pongs), so a client that never reads cannot grow its write buffer without bound.
         self._client_full = True
-        if self.upstream is not None:
-            self.upstream.pause_reading()
         self._sync_reading()
 
     def resume_writing(self) -> None:
         self._client_full = False
-        if self.upstream is not None and not self._closed:
-            self.upstream.resume_reading()
         self._sync_reading()
 
     # ------------------------------------------------------------ upstream transport events
@@ -184,6 +185,8 @@ class ClientConnection(asyncio.Protocol):
                 self._spawn(self._authenticate(action))
             elif isinstance(action, OpenUpstream):
                 self._spawn(self._open_upstream())
+            elif isinstance(action, CheckAccess):
+                self._spawn(self._check_access(action))
         self._sync_reading()
 
     def _sync_reading(self) -> None:
@@ -197,6 +200,15 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.pause_reading()
             else:
                 self.transport.resume_reading()
+        upstream = self.upstream
+        if upstream is not None:
+            pause = self._client_full or not session.reading_upstream
+            if pause != self._upstream_paused:
+                self._upstream_paused = pause
+                if pause:
+                    upstream.pause_reading()
+                else:
+                    upstream.resume_reading()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -211,8 +223,28 @@ class ClientConnection(asyncio.Protocol):
             return
         if result.ok and result.team is not None:
             self._team_slot = result.team
+        if result.ok and result.expires_at is not None:
+            delay = max(0.0, result.expires_at - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._credentials_expired)
         self.session.auth_done(result)
         self._pump()
+
+    async def _check_access(self, check: CheckAccess) -> None:
+        try:
+            allowed = await self.host.decide_access(self, check)
+        except Exception:  # fail closed: an error in the decision path is a deny
+            log.exception("access decision failed for %s", self.peer)
+            allowed = False
+        if self._closed or self.session is None:
+            return
+        self.session.access_decided(check, allowed)
+        self._pump()
+
+    def _credentials_expired(self) -> None:
+        self._expiry = None
+        if self.session is not None and not self._closed:
+            self.session.credentials_expired()
+            self._pump()
 
     async def _open_upstream(self) -> None:
         try:
@@ -227,6 +259,7 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         self.upstream = transport
+        self._upstream_paused = False
         self.session.upstream_connected()
         # An upstream that accepts the connection but never answers CONNECT must not hang the client.
         timeout = self.host.upstream_connect_timeout
@@ -266,6 +299,9 @@ class ClientConnection(asyncio.Protocol):
             self.host.release_team(self._team_slot)
             self._team_slot = None
         self._cancel_timer()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         session = self.session
         if session is not None:
             session.connection_closed()

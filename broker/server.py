@@ -15,6 +15,8 @@ import logging
 from acl.engine import AclEngine
 from acl.rules import Rule
 from broker.admission import Admission
+from broker.auth.jwt import JwtVerifier
+from broker.auth.platform import PlatformClient
 from broker.auth.users import Authenticator, load_users
 from broker.config import AclConfig, Config, ConfigError
 from broker.edge.listeners import start_listener
@@ -23,7 +25,7 @@ from broker.logs import log_event
 from broker.ops.http import OpsServer, Readiness
 from broker.ops.metrics import Metrics
 from broker.relay import ClientConnection
-from broker.session import Authenticate, AuthResult, SessionSettings
+from broker.session import Authenticate, AuthResult, CheckAccess, SessionSettings
 from broker.upstream.connector import UpstreamConnector
 from broker.upstream.embedded import EmbeddedBroker
 
@@ -71,8 +73,20 @@ class FrontBroker:
         self._servers: list[asyncio.Server] = []
         ops = config.metrics
         self.metrics = Metrics(ops.max_teams if ops else 1000, [item.name for item in config.listeners])
+        http = config.auth.http
+        # The platform client (auth.http) and the JWT keys load here: a ConfigError comes before anything listens.
+        self.platform = PlatformClient(http) if http is not None else None
+        self.jwt = JwtVerifier(config.auth.jwt) if config.auth.jwt is not None else None
         self.admission = Admission(
-            self.authenticator, self.acl, self.tls, self.metrics.teams, config.limits.max_connections_per_team
+            self.authenticator,
+            self.acl,
+            config.acl,
+            self.tls,
+            self.metrics.teams,
+            config.limits.max_connections_per_team,
+            platform=self.platform,
+            http_config=http,
+            jwt=self.jwt,
         )
         self.readiness = Readiness(self, ops.ready_window, ops.probe_interval) if ops else Readiness(self)
         self.ops: OpsServer | None = None  # the /metrics, /healthz, /readyz endpoint when metrics.bind is set
@@ -87,6 +101,9 @@ class FrontBroker:
             # Loads upstream.tls files: a ConfigError here comes before anything listens.
             self.upstream = UpstreamConnector.from_config(up)
         self.metrics.watch(self.connections, self.upstream)
+        if self.platform is not None:
+            await self.platform.start()
+            self.metrics.watch_platform(self.platform)
         try:
             for listener in self.config.listeners:
                 server = await start_listener(self, listener, self.tls, reuse_port=self.reuse_port)
@@ -142,7 +159,16 @@ class FrontBroker:
             else:
                 self.authenticator.replace_users(users)
                 log_event(log, logging.INFO, "config_reloaded", file=str(path), users=len(users))
-        return self.tls.reload() and users_ok
+        jwt_ok = True
+        if self.jwt is not None:
+            try:
+                self.jwt.reload()
+            except ConfigError as exc:
+                jwt_ok = False
+                log_event(log, logging.ERROR, "config_reload_failed", file="auth.jwt", reason=str(exc))
+            else:
+                log_event(log, logging.INFO, "config_reloaded", file="auth.jwt")
+        return self.tls.reload() and users_ok and jwt_ok
 
     async def stop(self) -> None:
         await self.tls.stop()
@@ -158,6 +184,8 @@ class FrontBroker:
         self._servers.clear()
         if self.embedded is not None:
             await self.embedded.stop()
+        if self.platform is not None:
+            await self.platform.close()
         self.authenticator.close()
 
     # ------------------------------------------------------------------ ConnectionHost
@@ -183,6 +211,9 @@ class FrontBroker:
 
     def release_team(self, team: str) -> None:
         self.admission.release_team(team)
+
+    async def decide_access(self, conn: ClientConnection, check: CheckAccess) -> bool:
+        return await self.admission.decide(conn.session.policy if conn.session else None, check)
 
     async def open_upstream(self, conn: ClientConnection) -> asyncio.Transport:
         return await self.upstream.connect(conn)

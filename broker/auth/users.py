@@ -21,28 +21,55 @@ from pathlib import Path
 import bcrypt
 import yaml
 
-from acl.identity import IdentityKind, parse_identity
+from acl.identity import FORM_HEADS, is_recognised
 from broker.config import ConfigError
 
 log = logging.getLogger("mqtt_front.auth")
 
-# Usernames that would own other identities' client ids: anonymous clients' ids live under
-# "anonymous:", and every project/device id starts with "project:"/"device:".
-RESERVED_USERNAMES = ("anonymous", "project", "device")
+# Usernames that would own other identities' client ids under the prefix rule: anonymous clients' ids
+# live under "anonymous:" upstream, and every structured form's ids start with its head ("project:",
+# "device:", "mq:", "frontend:", "fe-team:", "expert-client:", "expert-agent:", "agent:").
+RESERVED_USERNAMES: tuple[str, ...] = ("anonymous", *sorted(FORM_HEADS))
+
+_FORMS_HELP = (
+    "project:<team>:<project>, device:<team>:<device>, mq:hosted:<team>:<instance>, mq:remote:<team>:<device>,"
+    " frontend:<team>:<device>, fe-team:<user>:<team>:<session>, expert-client:<user>:<session>,"
+    " expert-agent:<name>:<version> or agent:<team>@<team>"
+)
 
 
 def username_problem(username: str) -> str | None:
     """Why a username cannot be allowed, or None.
 
-    Client ids are bound to usernames by the prefix ``<username>:`` (see the session's
-    client-id policy). That is only safe if no username's ``<username>:`` namespace can
-    contain another identity's ids, so ':' is kept for the structured forms
-    ``project:<team>:<project>`` and ``device:<team>:<device>``.
+    Client ids are bound to usernames (``acl.client_ids``): under the prefix rule a username ``u`` owns
+    the id ``u`` and every ``u:<suffix>``; under the exact rule only ``u``. Two identities can then
+    claim the same id only if one's username lies in the other's namespace (``v == u + ":" + s``),
+    so no username that can authenticate may start with ``<another such username>:``. That holds if:
+
+    - a ``:`` appears only in a recognised form (``acl.identity``). Such a name always lies in the
+      namespace of the text before its first ``:`` (``a:b`` in ``a``'s), which would be an ordinary,
+      allowed username; so unknown ``:`` forms are refused, whatever backend vouches for them.
+    - every ``:``-prefix of a recognised form is refused: the heads (``project``, ``device``, ``mq``,
+      ``frontend``, ``fe-team``, ``expert-client``, ``expert-agent``, ``agent``) are reserved names;
+      longer prefixes (``project:<team>``, ``mq:hosted``, ``fe-team:<user>:<team>``, ...) contain
+      ``:`` and match no form, so the first point refuses them.
+    - no recognised username lies in another's namespace: each ``:`` form has a fixed head and a fixed
+      number of non-empty parts without ``:``, so ``u:<suffix>`` never matches ``u``'s form or one
+      with another head; ``<name>@<team>`` has no ``:`` at all (``a:b@t`` is no Team Broker client,
+      or ``project:t1:p1`` could take over a client ``project:t1:p1:n@t2`` of team t2), and
+      ``agent:<team>@<team>`` has exactly one.
+    - ``anonymous`` is reserved, and nothing starting with ``anonymous:`` (the upstream namespace of
+      anonymous clients' ids) can authenticate, by the first point.
+
+    So every recognised form is safe under prefix as far as isolation goes. ``<name>@<team>`` (and
+    ``agent:<team>@<team>``) still get exact by default: that is FlowFuse's rule, and it keeps one
+    Team Broker credential to one session (the platform limits clients per team by credentials), unless
+    ``acl.client_id_suffix`` opts in to prefix. A name that passes here is safe under either rule.
     """
     if username in RESERVED_USERNAMES:
         return f"{username!r} is reserved"
-    if ":" in username and parse_identity(username).kind not in (IdentityKind.PROJECT, IdentityKind.DEVICE):
-        return f"{username!r} contains ':' but is not project:<team>:<project> or device:<team>:<device>"
+    if ":" in username and not is_recognised(username):
+        return f"{username!r} contains ':' but is none of {_FORMS_HELP}"
     return None
 
 
@@ -70,7 +97,11 @@ def generate_token(kind: str) -> str:
 
 
 def load_users(path: Path) -> dict[str, bytes]:
-    """``users: [{username, password_hash}]`` -> {username: hash}."""
+    """``users: [{username, password_hash}]`` -> {username: hash}.
+
+    Every username must pass :func:`username_problem`: a plain name, or one of the recognised forms
+    (the structured ones may be given local passwords too, e.g. ``mq:hosted:<team>:<instance>``); a
+    reserved name or an unknown ``:`` form makes the whole file invalid, naming the entry."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:

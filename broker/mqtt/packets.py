@@ -357,6 +357,14 @@ def decode_unsubscribe(buf: bytes, start: int, end: int, v5: bool) -> Unsubscrib
     return Unsubscribe(packet_id, filters, props)
 
 
+def encode_unsubscribe(unsub: Unsubscribe, v5: bool) -> bytes:
+    parts = [unsub.packet_id.to_bytes(2, "big")]
+    if v5:
+        parts.append(encode_properties(unsub.properties))
+    parts.extend(encode_str(filt) for filt in unsub.filters)
+    return _packet((PacketType.UNSUBSCRIBE << 4) | 2, b"".join(parts))
+
+
 @dataclass(slots=True)
 class SubAck:
     packet_id: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from broker.mqtt.framer import body_start
 from broker.mqtt.packets import decode_ack
+from broker.mqtt.primitives import encode_varint
 
 
 def plain_publish_topic(buf: bytes, start: int, end: int, v5: bool) -> bytes | None:
@@ -68,3 +69,22 @@ def peek_connect_level(buf: bytes, end: int) -> int:
     name_len = (buf[pos] << 8) | buf[pos + 1]
     level_at = pos + 2 + name_len
     return buf[level_at] if level_at < end else 0
+
+
+def replace_publish_topic(buf: bytes, start: int, end: int, topic: bytes) -> bytes:
+    """The PUBLISH at ``buf[start:end]`` with ``topic`` (raw UTF-8) in place of its own; the rest is copied.
+
+    For a topic that only changes by a prefix (a mountpoint): the packet id, properties and payload
+    are not decoded or re-encoded.
+    """
+    pos = start + 2 if buf[start + 1] < 0x80 else body_start(buf, start)
+    stop = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+    return b"".join(
+        (
+            bytes((buf[start],)),
+            encode_varint(2 + len(topic) + end - stop),
+            len(topic).to_bytes(2, "big"),
+            topic,
+            buf[stop:end],
+        )
+    )

@@ -27,9 +27,11 @@ from prometheus_client.registry import Collector
 
 from broker import __version__
 from broker.mqtt.packets import PacketType
+from broker.ops.auth_metrics import AuthCollector
 from broker.session.stats import CONNECT_RESULTS, Stats
 
 if TYPE_CHECKING:
+    from broker.auth.platform import PlatformClient
     from broker.relay import ClientConnection
     from broker.upstream.connector import UpstreamConnector
     from broker.upstream.targets import UpstreamTarget
@@ -204,6 +206,7 @@ class Metrics:
         self.listeners = list(listeners)
         self.upstream: UpstreamConnector | None = None
         self._connections: Iterable[ClientConnection] = ()
+        self._auth: AuthCollector | None = None
         reg = self.registry
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
@@ -247,6 +250,13 @@ class Metrics:
             self.upstream_failures.labels(name)
         upstream.on_connect = self.upstream_connected
         upstream.on_failure = self.upstream_failed
+
+    def watch_platform(self, client: PlatformClient, backend: str = "http") -> None:
+        """Read this auth.http client's counters at scrape time (``mqtt_front_auth_*{backend}``)."""
+        if self._auth is None:
+            self._auth = AuthCollector()
+            self.registry.register(self._auth)
+        self._auth.add(backend, client)
 
     def connections(self) -> list[ClientConnection]:
         return list(self._connections)

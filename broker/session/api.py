@@ -13,11 +13,24 @@ from typing import Protocol
 
 
 class AccessPolicy(Protocol):
-    """What the session needs from the ACL engine for one client (topics as the client sees them)."""
+    """What the session needs from the access checks for one client (topics as the client sees them).
 
-    def check_publish(self, topic: str, retain: bool = False) -> bool: ...
-    def check_receive(self, topic: str) -> bool: ...
-    def check_subscribe(self, topic_filter: str) -> bool: ...
+    True allows, False denies. A policy that must ask someone (the platform, over HTTP) answers
+    None when it does not know yet: the session then holds that packet and everything after it in
+    the same direction, asks the I/O layer with a :class:`CheckAccess` action, and goes on when
+    ``Session.access_decided`` brings the answer.
+    """
+
+    def check_publish(self, topic: str, retain: bool = False) -> bool | None: ...
+    def check_receive(self, topic: str) -> bool | None: ...
+    def check_subscribe(self, topic_filter: str) -> bool | None: ...
+
+
+class ClientIdRule(Enum):
+    """Which client ids an authenticated identity may use (ids are bound to identities)."""
+
+    PREFIX = "prefix"  # the username, or "<username>:<anything>"
+    EXACT = "exact"  # the username only (FlowFuse's Team Broker rule)
 
 
 class State(Enum):
@@ -64,7 +77,22 @@ class Close:
     reason: str
 
 
-Action = Authenticate | OpenUpstream | Close
+@dataclass(frozen=True, slots=True)
+class CheckAccess:
+    """Decide ``action`` on ``topic`` for this session's identity, then call ``Session.access_decided``.
+
+    ``action`` is "publish" (a PUBLISH or the will; ``retain`` says whether it is retained),
+    "subscribe" (one SUBSCRIBE filter) or "deliver" (a message coming down). The session holds the
+    packet that asked, and all after it in the same direction, until the answer comes; the I/O layer
+    must answer within its timeout (a timeout is a deny).
+    """
+
+    action: str
+    topic: str
+    retain: bool = False
+
+
+Action = Authenticate | OpenUpstream | Close | CheckAccess
 
 
 @dataclass(slots=True)
@@ -78,6 +106,11 @@ class AuthResult:
     bad_credentials: bool = False  # refusal reason: wrong credentials vs. not allowed at all
     quota_exceeded: bool = False  # refusal reason: the team has all the connections it may have
     busy: bool = False  # refusal reason: too many password checks queued (try again later)
+    unavailable: bool = False  # refusal reason: the deciding backend (the platform) did not answer
+    client_id_rule: ClientIdRule = ClientIdRule.PREFIX
+    # Topics of this client live under this prefix upstream (its team's space); "" = not mounted.
+    mountpoint: str = ""
+    expires_at: float | None = None  # time.time() at which the credentials stop being accepted (a JWT's exp + leeway)
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ build on it: :mod:`broker.session.handshake` (CONNECT to CONNACK) and
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from acl.cache import BoundedCache
 from broker.logs import log_event
@@ -18,12 +19,26 @@ from broker.mqtt.errors import PacketTooLarge, ProtocolError
 from broker.mqtt.framer import Framer
 from broker.mqtt.packets import Connect, encode_connack, encode_disconnect
 from broker.mqtt.reasons import ConnackV3, ConnackV5, DisconnectReason
-from broker.session.api import READING_CLIENT, TRANSITIONS, AccessPolicy, Action, Close, SessionSettings, State
+from broker.session.api import (
+    READING_CLIENT,
+    TRANSITIONS,
+    AccessPolicy,
+    Action,
+    AuthResult,
+    CheckAccess,
+    ClientIdRule,
+    Close,
+    SessionSettings,
+    State,
+)
 from broker.session.audit import DenyLog
 from broker.session.flows import AckOrder, Qos2Refusals, SubackMerger, TopicAliases
 from broker.session.stats import Stats
 
 log = logging.getLogger("mqtt_front.session")
+
+Held = tuple[bytes, list[int], int]
+"""A direction's held packets: the chunk, the ends of the packets still to process, the held packet's start."""
 
 
 class SessionBase:
@@ -31,11 +46,21 @@ class SessionBase:
         "_acks",
         "_actions",
         "_aliases",
+        "_auth_waiting",
+        "_backlog_client",
+        "_backlog_upstream",
         "_client_framer",
+        "_client_id_rule",
         "_client_refused_qos2",
+        "_client_table",
         "_connect",
+        "_decided",
         "_deny_log",
         "_early",
+        "_held_client",
+        "_held_upstream",
+        "_mount",
+        "_mount_raw",
         "_out_client",
         "_out_upstream",
         "_publish_ok",
@@ -45,6 +70,7 @@ class SessionBase:
         "_subacks",
         "_upstream_dropped_qos2",
         "_upstream_framer",
+        "_upstream_table",
         "assigned_client_id",
         "client_id",
         "peer",
@@ -86,6 +112,21 @@ class SessionBase:
         self._receive_ok: BoundedCache[bytes, bool] = BoundedCache()
         self._deny_log: DenyLog | None = None  # created on the first denial
         self._early = b""
+        self._client_id_rule = ClientIdRule.PREFIX
+        self._mount = ""  # the client's mountpoint ("" = none) and its UTF-8 bytes
+        self._mount_raw = b""
+        # Dispatch tables of the established session (see broker.session.core), by mountpoint.
+        self._client_table: tuple[Any, ...] = ()
+        self._upstream_table: tuple[Any, ...] = ()
+        # A direction waiting for an access decision (CheckAccess): the chunk, the ends of its packets
+        # still to process (the held one first) and where the held one starts; later reads wait behind.
+        self._held_client: Held | None = None
+        self._held_upstream: Held | None = None
+        self._backlog_client: list[bytes] = []
+        self._backlog_upstream: list[bytes] = []
+        # Answers of CheckAccess for the packet being held: (action, topic, retain) -> allowed.
+        self._decided: dict[tuple[str, str, bool], bool] = {}
+        self._auth_waiting: AuthResult | None = None  # auth_done waits for the will's decision
 
     # ------------------------------------------------------------------ hand-over (the I/O layer calls these)
 
@@ -120,8 +161,17 @@ class SessionBase:
 
     @property
     def reading_client(self) -> bool:
-        """Whether the I/O layer should keep reading the client (not while the handshake runs)."""
-        return self._state in READING_CLIENT
+        """Whether the I/O layer should keep reading the client (not during the handshake or a held check)."""
+        return self._state in READING_CLIENT and self._held_client is None
+
+    @property
+    def reading_upstream(self) -> bool:
+        """Whether the I/O layer should keep reading the upstream (not while a delivery waits for a check)."""
+        return self._held_upstream is None
+
+    @property
+    def mountpoint(self) -> str:
+        return self._mount
 
     # ------------------------------------------------------------------ events without a packet
 
@@ -142,6 +192,14 @@ class SessionBase:
         if self.v5 and self._state is State.ESTABLISHED:
             self._out_client.append(encode_disconnect(DisconnectReason.SERVER_SHUTTING_DOWN, "server shutting down"))
         self._close("server shutting down")
+
+    def credentials_expired(self) -> None:
+        """The I/O layer's timer at the credentials' expiry (a JWT's exp): v5 DISCONNECT 0xA0, then close."""
+        if self._state is State.CLOSED:
+            return
+        if self.v5 and self._state is State.ESTABLISHED:
+            self._out_client.append(encode_disconnect(DisconnectReason.MAXIMUM_CONNECT_TIME, "credentials expired"))
+        self._close("credentials expired")
 
     def connection_closed(self) -> None:
         """The I/O layer closed the connection: no more bytes are read or produced (no Close action)."""
@@ -200,6 +258,12 @@ class SessionBase:
         code = v5_code if self.v5 else v3_code
         self._out_client.append(encode_connack(self.v5, False, code))
         self._close(f"connect refused: {reason}")
+
+    def _ask(self, action: str, topic: str, retain: bool) -> None:
+        """Ask the I/O layer for a decision the policy does not know yet (see CheckAccess)."""
+        if len(self._decided) > 64:
+            self._decided.clear()  # answers of packets long gone: a cheap bound
+        self._actions.append(CheckAccess(action, topic, retain))
 
     def _deny(self, action: str, topic: str, retain: bool = False) -> None:
         """Log a denial (rate-limited per session); the caller counts it in stats."""

@@ -17,43 +17,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.mqtt.errors import MalformedPacket, ProtocolError, ProtocolViolation
-from broker.mqtt.packets import (
-    PacketType,
-    Subscribe,
-    check_fixed_flags,
-    decode_ack,
-    decode_disconnect,
-    decode_publish,
-    decode_suback,
-    decode_subscribe,
-    decode_unsubscribe,
-    encode_ack,
-    encode_disconnect,
-    encode_publish,
-    encode_suback,
-    encode_subscribe,
-)
+from broker.mqtt.errors import ProtocolError, ProtocolViolation
+from broker.mqtt.packets import PacketType
 from broker.mqtt.peek import (
-    ack_packet_id,
     peek_connect_level,
     plain_publish_topic,
     publish_packet_id,
     publish_topic_bytes,
+    replace_publish_topic,
 )
-from broker.mqtt.properties import Prop
-from broker.mqtt.reasons import DisconnectReason, PubackReason, SubackReason
-from broker.session.api import State
-from broker.session.handshake import Handshake
-
-_PUBLISH = PacketType.PUBLISH
+from broker.session.api import CheckAccess, SessionSettings, State
+from broker.session.paths import HOLD, Paths
+from broker.session.stats import Stats
 
 # A packet handler: (session, chunk, start, end) -> None = forward as is, b"" = drop, bytes = send these instead.
 Handler = Callable[["Session", bytes, int, int], "bytes | None"]
 
+# Bytes a held direction may queue behind its check (the I/O layer stops reading it meanwhile).
+_BACKLOG_MAX = 4 * 1_048_576
 
-class Session(Handshake):
+
+class Session(Paths):
     __slots__ = ()
+
+    def __init__(self, settings: SessionSettings, peer: str = "?", stats: Stats | None = None) -> None:
+        super().__init__(settings, peer, stats)
+        self._client_table = FROM_CLIENT
+        self._upstream_table = FROM_UPSTREAM
 
     # ------------------------------------------------------------------ client side
 
@@ -61,11 +51,14 @@ class Session(Handshake):
         """Bytes read from the client. Then hand over the outputs and run the actions."""
         state = self._state
         if state is State.ESTABLISHED:
+            if self._held_client is not None:
+                self._queue_behind_check(self._backlog_client, data, "client")
+                return
             try:
                 chunk, ends = self._client_framer.feed(data)
                 if ends:
-                    self._relay(chunk, ends, 0, self._out_upstream, FROM_CLIENT, self.stats.packets_in)
-                    if self._client_framer.error is not None and self._state is not State.CLOSED:
+                    self._relay(chunk, ends, 0, self._out_upstream, self._client_table, self.stats.packets_in)
+                    if self._client_framer.error is not None and self._held_client is None and not self.closed:
                         raise self._client_framer.error
             except ProtocolError as exc:
                 self._protocol_error(exc, "client")
@@ -100,7 +93,8 @@ class Session(Handshake):
 
         Each packet goes to its handler in ``table`` (indexed by packet type) and is counted in
         ``counts``. Once the session closes nothing after the packet that closed it goes out
-        (a forwarded DISCONNECT itself still does).
+        (a forwarded DISCONNECT itself still does). A handler answering HOLD stops the run there:
+        that packet and the rest of the chunk wait for the access decision.
         """
         run = start
         try:
@@ -111,6 +105,10 @@ class Session(Handshake):
                 if replacement is not None:
                     if run < start:
                         out.append(chunk[run:start])
+                    if replacement is HOLD:
+                        counts[ptype] -= 1  # counted again when it is handled with the answer
+                        self._hold(table, (chunk, [e for e in ends if e > start], start))
+                        return
                     if replacement:
                         out.append(replacement)
                     run = end
@@ -130,7 +128,7 @@ class Session(Handshake):
         stats.msgs_in += 1
         stats.bytes_in += end - start
         # Fast path: a topic whose raw bytes were validated and allowed before needs no decoding
-        # and no ACL walk (v5: only without properties). Everything else takes the full path below.
+        # and no ACL walk (v5: only without properties). Everything else takes the full path.
         v5 = self.v5
         topic = plain_publish_topic(chunk, start, end, v5)
         if topic is not None:
@@ -144,124 +142,34 @@ class Session(Handshake):
                     acks.seq += 1
                     acks.inflight[packet_id] = acks.seq
                     return None
-        return self._client_publish_checked(chunk, start, end, v5)
+        return self._client_publish_full(chunk, start, end, v5)
 
-    def _client_publish_checked(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
-        """The full path: decode, resolve the topic alias, check the ACL."""
-        pub = decode_publish(chunk, start, end, v5)
-        topic = pub.topic
-        rewritten = False
-        props = pub.properties
-        if props and Prop.SUBSCRIPTION_IDENTIFIER in props:
-            raise ProtocolViolation("Subscription Identifier in a PUBLISH from the client")  # [MQTT-3.3.4-6]
-        if props and Prop.TOPIC_ALIAS in props:
-            topic = self._aliases.resolve(props[Prop.TOPIC_ALIAS], topic)
-            rewritten = True
-        policy = self.policy
-        assert policy is not None
-        if not policy.check_publish(topic, pub.retain):
-            self.stats.denied_publish += 1
-            self._deny("publish", topic)
-            if self.settings.disconnect_on_deny:
-                if v5:
-                    refusal = encode_disconnect(DisconnectReason.NOT_AUTHORIZED, "publish not authorized")
-                    self._out_client.append(refusal)
-                self._close("publish not authorized")
-                return b""
-            # Acknowledge so the client does not retry forever; v5 learns why.
-            if pub.qos:
-                code = PubackReason.NOT_AUTHORIZED if v5 else PubackReason.SUCCESS
-                ack = encode_ack(PacketType.PUBACK if pub.qos == 1 else PacketType.PUBREC, v5, pub.packet_id, code)
-                if pub.qos == 2 and not v5:
-                    self._client_refused_qos2.refuse(pub.packet_id)
-                ack_now = self._acks.refused(ack)
-                if ack_now is not None:
-                    self._out_client.append(ack_now)
-            return b""
-        if pub.qos:
-            acks = self._acks
-            acks.seq += 1
-            acks.inflight[pub.packet_id] = acks.seq
-        if not rewritten:
-            (self._publish_ok_retained if pub.retain else self._publish_ok).remember(topic.encode(), True)
-            return None
-        assert props is not None
-        props = dict(props)
-        del props[Prop.TOPIC_ALIAS]
-        return encode_publish(pub.qos, pub.retain, pub.dup, topic, pub.packet_id, props, chunk[pub.payload_start : end])
-
-    def _client_ack(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        """PUBACK, PUBREC, PUBCOMP for deliveries: checked, then forwarded."""
-        check_fixed_flags(chunk[start], self.v5)
-        decode_ack(chunk, start, end, self.v5)
-        return None
-
-    def _client_pubrel(self, chunk: bytes, start: int, end: int) -> bytes | None:
+    def _client_publish_mounted(self, chunk: bytes, start: int, end: int) -> bytes | None:
+        """As _client_publish, for a session with a mountpoint: the topic goes upstream under it."""
+        stats = self.stats
+        stats.msgs_in += 1
+        stats.bytes_in += end - start
         v5 = self.v5
-        check_fixed_flags(chunk[start], v5)
-        ack = decode_ack(chunk, start, end, v5)
-        if self._client_refused_qos2.complete(ack.packet_id):
-            # Ends a QoS 2 flow the front broker refused: answer it here.
-            self._out_client.append(encode_ack(PacketType.PUBCOMP, v5, ack.packet_id))
-            return b""
-        return None
+        topic = plain_publish_topic(chunk, start, end, v5)
+        if topic is not None:
+            first = chunk[start]
+            if topic in (self._publish_ok_retained if first & 1 else self._publish_ok):
+                packet_id = publish_packet_id(chunk, start, len(topic)) if first & 6 else 0
+                if packet_id or not first & 6:
+                    if packet_id:
+                        acks = self._acks
+                        acks.seq += 1
+                        acks.inflight[packet_id] = acks.seq
+                    return replace_publish_topic(chunk, start, end, self._mount_raw + topic)
+        return self._client_publish_full(chunk, start, end, v5)
 
-    def _client_subscribe(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        """Each filter checked on its own; refused ones are answered here, the others go upstream."""
-        v5 = self.v5
-        check_fixed_flags(chunk[start], v5)
-        sub = decode_subscribe(chunk, start, end, v5)
-        policy = self.policy
-        assert policy is not None
-        refused = SubackReason.NOT_AUTHORIZED if v5 else SubackReason.FAILURE
-        codes: list[int | None] = []
-        allowed: list[tuple[str, int]] = []
-        for filt, options in sub.filters:
-            if policy.check_subscribe(filt):
-                codes.append(None)
-                allowed.append((filt, options))
-            else:
-                codes.append(refused)
-                self.stats.denied_subscribe += 1
-                self._deny("subscribe", filt)
-        if len(allowed) == len(sub.filters):
-            return None
-        if not allowed:
-            self._out_client.append(encode_suback(v5, sub.packet_id, [c or 0 for c in codes]))
-            return b""
-        self._subacks.expect(sub.packet_id, codes)
-        return encode_subscribe(Subscribe(sub.packet_id, allowed, sub.properties), v5)
-
-    def _client_unsubscribe(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        check_fixed_flags(chunk[start], self.v5)
-        decode_unsubscribe(chunk, start, end, self.v5)
-        return None
-
-    def _client_pingreq(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        check_fixed_flags(chunk[start], self.v5)
-        if end - start != 2:
-            raise MalformedPacket("PINGREQ with a body")
-        return None
-
-    def _client_disconnect(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        check_fixed_flags(chunk[start], self.v5)
-        decode_disconnect(chunk, start, end, self.v5)
-        # Forwarded as is (a v5 reason 0x04 asks the broker to publish the will), then close.
-        self._close("client disconnected")
-        return None
-
-    def _client_second_connect(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        check_fixed_flags(chunk[start], self.v5)
-        raise ProtocolViolation("second CONNECT")
-
-    def _client_server_only(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        """CONNACK, SUBACK, UNSUBACK, PINGRESP and AUTH (no enhanced authentication): never from a client."""
-        ptype = check_fixed_flags(chunk[start], self.v5)
-        raise ProtocolViolation(f"{PacketType(ptype).name} is not sent by clients")
-
-    def _client_reserved(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        check_fixed_flags(chunk[start], self.v5)  # raises: reserved packet type 0
-        raise MalformedPacket("reserved packet type 0")
+    def _client_publish_full(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
+        answer = self._client_publish_checked(chunk, start, end, v5)
+        if answer is HOLD:
+            stats = self.stats  # counted again when it is handled with the answer
+            stats.msgs_in -= 1
+            stats.bytes_in -= end - start
+        return answer
 
     # ------------------------------------------------------------------ upstream side
 
@@ -270,17 +178,20 @@ class Session(Handshake):
         state = self._state
         if state is State.CLOSED:
             return
+        if self._held_upstream is not None:
+            self._queue_behind_check(self._backlog_upstream, data, "upstream")
+            return
         try:
             chunk, ends = self._upstream_framer.feed(data)
             if not ends:
                 return
             if state is State.ESTABLISHED:
-                self._relay(chunk, ends, 0, self._out_client, FROM_UPSTREAM, self.stats.packets_out)
+                self._relay(chunk, ends, 0, self._out_client, self._upstream_table, self.stats.packets_out)
             elif state is State.WAIT_CONNACK:
                 self._on_connack(chunk, ends)
             else:
                 raise ProtocolViolation("upstream sent data before CONNECT")
-            if self._upstream_framer.error is not None and self._state is not State.CLOSED:
+            if self._upstream_framer.error is not None and self._held_upstream is None and not self.closed:
                 raise self._upstream_framer.error
         except ProtocolError as exc:
             self._upstream_protocol_error(exc)
@@ -289,8 +200,11 @@ class Session(Handshake):
         end = ends[0]
         if not self._accept_connack(chunk, end):
             return
+        if self._mount:
+            self._client_table = FROM_CLIENT_MOUNTED
+            self._upstream_table = FROM_UPSTREAM_MOUNTED
         if len(ends) > 1:
-            self._relay(chunk, ends[1:], end, self._out_client, FROM_UPSTREAM, self.stats.packets_out)
+            self._relay(chunk, ends[1:], end, self._out_client, self._upstream_table, self.stats.packets_out)
         early = self._early
         if early:
             self._early = b""
@@ -304,62 +218,82 @@ class Session(Handshake):
             stats.msgs_out += 1
             stats.bytes_out += end - start
             return None
-        v5 = self.v5
-        pub = decode_publish(chunk, start, end, v5)
-        policy = self.policy
-        if policy is not None and policy.check_receive(pub.topic):
-            self._receive_ok.remember(pub.topic.encode(), True)
+        return self._deliver_checked(chunk, start, end)
+
+    def _upstream_publish_mounted(self, chunk: bytes, start: int, end: int) -> bytes | None:
+        """As _upstream_publish, for a session with a mountpoint: the topic arrives without it."""
+        topic = plain_publish_topic(chunk, start, end, self.v5)
+        if topic is not None and topic in self._receive_ok:
             stats = self.stats
             stats.msgs_out += 1
             stats.bytes_out += end - start
-            return None
-        self.stats.denied_deliver += 1
-        self._deny("deliver", pub.topic)
-        # Acknowledge on the client's behalf so the upstream flow completes; the client
-        # never sees this packet id, so its ids stay consistent.
-        if pub.qos == 1:
-            self._out_upstream.append(encode_ack(PacketType.PUBACK, v5, pub.packet_id))
-        elif pub.qos == 2:
-            self._out_upstream.append(encode_ack(PacketType.PUBREC, v5, pub.packet_id))
-            self._upstream_dropped_qos2.refuse(pub.packet_id)
-        return b""
+            return replace_publish_topic(chunk, start, end, topic[len(self._mount_raw) :])
+        return self._deliver_checked(chunk, start, end)
 
-    def _upstream_ack(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        """PUBACK / PUBREC of a forwarded publish: our held acks may follow it now."""
-        acks = self._acks
-        if acks.inflight:
-            acks.inflight.pop(ack_packet_id(chunk, start, end, self.v5), None)
-            if acks.held:
-                # This ack, then our own acks that were waiting behind it.
-                return chunk[start:end] + acks.release()
-        return None
+    # ------------------------------------------------------------------ access decisions
 
-    def _upstream_pubrel(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        dropped = self._upstream_dropped_qos2
-        if dropped.ids:
-            ack = decode_ack(chunk, start, end, self.v5)
-            if dropped.complete(ack.packet_id):
-                self._out_upstream.append(encode_ack(PacketType.PUBCOMP, self.v5, ack.packet_id))
-                return b""
-        return None
+    def access_decided(self, check: CheckAccess, allowed: bool) -> None:
+        """The answer to a CheckAccess action: the packets held for it go on. Then hand over."""
+        self._decided[(check.action, check.topic, check.retain)] = allowed
+        if self._state is State.AUTHENTICATING:
+            self._resume_auth()
+        elif check.action == "deliver":
+            self._resume_upstream()
+        else:
+            self._resume_client()
 
-    def _upstream_suback(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        """Put our refusals back into a SUBACK for a SUBSCRIBE we forwarded in part."""
-        if not self._subacks.pending:
-            return None
-        return self._subacks.merge(decode_suback(chunk, start, end, self.v5), self.v5)
+    def _hold(self, table: tuple[Handler, ...], held: tuple[bytes, list[int], int]) -> None:
+        if table is self._client_table:
+            self._held_client = held
+        else:
+            self._held_upstream = held
 
-    def _upstream_disconnect(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        # Relayed to a v5 client (it carries the reason); a v3.1.1 client just sees the close.
-        self._close("upstream sent DISCONNECT")
-        return None if self.v5 else b""
+    def _queue_behind_check(self, backlog: list[bytes], data: bytes, side: str) -> None:
+        backlog.append(data)
+        if sum(len(d) for d in backlog) > _BACKLOG_MAX:
+            exc = ProtocolViolation("too much data while an access check is pending")
+            if side == "client":
+                self._protocol_error(exc, side)
+            else:
+                self._upstream_protocol_error(exc)
 
-    def _upstream_forward(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        """PUBCOMP, UNSUBACK, PINGRESP, AUTH: relayed as they are."""
-        return None
+    def _resume_client(self) -> None:
+        held, self._held_client = self._held_client, None
+        if held is None or self._state is not State.ESTABLISHED:
+            return
+        chunk, ends, start = held
+        try:
+            self._relay(chunk, ends, start, self._out_upstream, self._client_table, self.stats.packets_in)
+            if self._held_client is not None:
+                return
+            self._decided.clear()
+            if self._client_framer.error is not None and not self.closed:
+                raise self._client_framer.error
+        except ProtocolError as exc:
+            self._protocol_error(exc, "client")
+            return
+        backlog, self._backlog_client = self._backlog_client, []
+        for data in backlog:  # a new hold queues the rest again, in order
+            self.receive_client(data)
 
-    def _upstream_client_only(self, chunk: bytes, start: int, end: int) -> bytes | None:
-        raise ProtocolViolation(f"upstream sent {PacketType(chunk[start] >> 4).name}")
+    def _resume_upstream(self) -> None:
+        held, self._held_upstream = self._held_upstream, None
+        if held is None or self._state is not State.ESTABLISHED:
+            return
+        chunk, ends, start = held
+        try:
+            self._relay(chunk, ends, start, self._out_client, self._upstream_table, self.stats.packets_out)
+            if self._held_upstream is not None:
+                return
+            self._decided.clear()
+            if self._upstream_framer.error is not None and not self.closed:
+                raise self._upstream_framer.error
+        except ProtocolError as exc:
+            self._upstream_protocol_error(exc)
+            return
+        backlog, self._backlog_upstream = self._backlog_upstream, []
+        for data in backlog:
+            self.receive_upstream(data)
 
 
 def _table(handlers: dict[int, Handler]) -> tuple[Handler, ...]:
@@ -411,3 +345,13 @@ FROM_UPSTREAM: tuple[Handler, ...] = _table(
     }
 )
 """Packets from the upstream once established, by type."""
+
+FROM_CLIENT_MOUNTED: tuple[Handler, ...] = tuple(
+    Session._client_publish_mounted if t == PacketType.PUBLISH else handler for t, handler in enumerate(FROM_CLIENT)
+)
+"""FROM_CLIENT for a session with a mountpoint (only PUBLISH differs)."""
+
+FROM_UPSTREAM_MOUNTED: tuple[Handler, ...] = tuple(
+    Session._upstream_publish_mounted if t == PacketType.PUBLISH else handler for t, handler in enumerate(FROM_UPSTREAM)
+)
+"""FROM_UPSTREAM for a session with a mountpoint (only PUBLISH differs)."""

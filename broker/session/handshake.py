@@ -15,6 +15,7 @@ import logging
 import secrets
 from dataclasses import replace
 
+from acl.client_ids import client_id_allowed
 from broker.logs import log_event
 from broker.mqtt.errors import ProtocolError, ProtocolViolation, UnsupportedProtocol
 from broker.mqtt.packets import (
@@ -27,9 +28,9 @@ from broker.mqtt.packets import (
     encode_disconnect,
 )
 from broker.mqtt.peek import peek_connect_level
-from broker.mqtt.properties import Prop
+from broker.mqtt.properties import Prop, Properties
 from broker.mqtt.reasons import ConnackV3, ConnackV5, DisconnectReason
-from broker.session.api import Authenticate, AuthResult, OpenUpstream, State
+from broker.session.api import Authenticate, AuthResult, ClientIdRule, OpenUpstream, State
 from broker.session.base import SessionBase, log
 
 # Anonymous clients share one client-id namespace upstream, apart from every user's.
@@ -107,6 +108,15 @@ class Handshake(SessionBase):
             if result.busy:
                 self._refuse_connect(ConnackV3.SERVER_UNAVAILABLE, ConnackV5.SERVER_BUSY, "server busy", "limit")
                 return
+            if result.unavailable:
+                # The deciding backend (the platform) did not answer: fail closed, but say it is us.
+                self._refuse_connect(
+                    ConnackV3.SERVER_UNAVAILABLE,
+                    ConnackV5.SERVER_UNAVAILABLE,
+                    "authentication backend unavailable",
+                    "auth_unavailable",
+                )
+                return
             if result.quota_exceeded:
                 self._refuse_connect(
                     ConnackV3.SERVER_UNAVAILABLE, ConnackV5.QUOTA_EXCEEDED, "connection quota exceeded", "limit"
@@ -126,23 +136,41 @@ class Handshake(SessionBase):
         self.username = result.username
         self.policy = result.policy
         self.team = result.team
+        self._client_id_rule = result.client_id_rule
+        self._mount = result.mountpoint
+        self._mount_raw = result.mountpoint.encode()
         upstream_id = self._map_client_id(connect.client_id, result.username)
         if upstream_id is None:
             self.stats.denied_connect += 1
+            must = (
+                "be the username"
+                if self._client_id_rule is ClientIdRule.EXACT
+                else "be the username or start with '<username>:'"
+            )
             self._refuse_connect(
                 ConnackV3.IDENTIFIER_REJECTED,
                 ConnackV5.CLIENT_ID_INVALID,
-                f"client id {connect.client_id!r} must be the username or start with '<username>:'",
+                f"client id {connect.client_id!r} must {must}",
                 "not_authorized",
             )
             return
-        if connect.will is not None and not result.policy.check_publish(connect.will.topic, connect.will.retain):
-            self.stats.denied_will += 1
-            self._deny("will", connect.will.topic, connect.will.retain)
-            self._refuse_connect(
-                ConnackV3.NOT_AUTHORIZED, ConnackV5.NOT_AUTHORIZED, "will topic not allowed", "not_authorized"
-            )
-            return
+        will = connect.will
+        if will is not None:
+            allowed = result.policy.check_publish(will.topic, will.retain)
+            if allowed is None:
+                allowed = self._decided.pop(("publish", will.topic, will.retain), None)
+            if allowed is None:
+                # The platform decides the will too: wait for its answer (access_decided) in this state.
+                self._auth_waiting = result
+                self._ask("publish", will.topic, will.retain)
+                return
+            if not allowed:
+                self.stats.denied_will += 1
+                self._deny("will", will.topic, will.retain)
+                self._refuse_connect(
+                    ConnackV3.NOT_AUTHORIZED, ConnackV5.NOT_AUTHORIZED, "will topic not allowed", "not_authorized"
+                )
+                return
         self.upstream_client_id = upstream_id
         self._set_state(State.CONNECTING_UPSTREAM)
         self._actions.append(OpenUpstream())
@@ -150,18 +178,18 @@ class Handshake(SessionBase):
     def _map_client_id(self, client_id: str, username: str | None) -> str | None:
         """Client-id policy: ids are bound to identities so no one can take over another's session.
 
-        An authenticated client's id must be its username or start with ``<username>:``;
-        an anonymous client's id is namespaced upstream. An empty id gets one assigned.
+        An authenticated client's id must be its username or ``<username>:<suffix>`` (only the
+        username under :attr:`ClientIdRule.EXACT`; see :mod:`acl.client_ids`); an anonymous client's
+        id is namespaced upstream. An empty id gets one assigned (the username itself under EXACT).
         """
         if username is None:
             if not client_id:
                 client_id = self._assign(f"auto-{secrets.token_hex(8)}")
             return ANONYMOUS_PREFIX + client_id
         if not client_id:
-            return self._assign(f"{username}:auto-{secrets.token_hex(8)}")
-        if client_id == username or client_id.startswith(username + ":"):
-            return client_id
-        return None
+            exact = self._client_id_rule is ClientIdRule.EXACT
+            return self._assign(username if exact else f"{username}:auto-{secrets.token_hex(8)}")
+        return client_id if client_id_allowed(self._client_id_rule.value, username, client_id) else None
 
     def _assign(self, client_id: str) -> str:
         self.assigned_client_id = client_id
@@ -177,8 +205,12 @@ class Handshake(SessionBase):
         # The front broker resolves the client's topic aliases itself, and it must see
         # every delivered topic to check it: no aliases in either direction upstream.
         props.pop(Prop.TOPIC_ALIAS_MAXIMUM, None)
+        will = connect.will
+        if will is not None and self._mount:
+            will = replace(will, topic=self._mount + will.topic, properties=self._mount_response_topic(will.properties))
         upstream_connect = replace(
             connect,
+            will=will,
             client_id=self.upstream_client_id,
             username=self.settings.upstream_username,
             password=(
@@ -205,6 +237,20 @@ class Handshake(SessionBase):
             self._close(f"upstream closed: {reason}")
         else:
             self._close(f"upstream closed: {reason}")
+
+    def _resume_auth(self) -> None:
+        """The will's access decision arrived (see access_decided): finish auth_done."""
+        result, self._auth_waiting = self._auth_waiting, None
+        if result is not None:
+            self.auth_done(result)
+
+    def _mount_response_topic(self, props: Properties) -> Properties:
+        """A v5 Response Topic goes upstream under the mountpoint, so request/response works inside it."""
+        if Prop.RESPONSE_TOPIC not in props:
+            return props
+        props = dict(props)
+        props[Prop.RESPONSE_TOPIC] = self._mount + props[Prop.RESPONSE_TOPIC]
+        return props
 
     def connack_timed_out(self, timeout: float) -> None:
         """The I/O layer's timer: an upstream that accepted the connection but sent no CONNACK."""

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Connect results (``Stats.connect_result``), also the label values of mqtt_front_connect_attempts_total.
-CONNECT_RESULTS = ("ok", "bad_credentials", "not_authorized", "protocol_error", "upstream_unavailable", "limit")
+CONNECT_RESULTS = (
+    "ok",
+    "bad_credentials",
+    "not_authorized",
+    "protocol_error",
+    "upstream_unavailable",
+    "auth_unavailable",
+    "limit",
+)
 
 
 def _per_type() -> list[int]:

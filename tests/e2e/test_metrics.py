@@ -131,6 +131,7 @@ async def test_counters_after_real_traffic(make_front: FrontFactory, mosquitto: 
         "not_authorized": 1,
         "protocol_error": 0,
         "upstream_unavailable": 0,
+        "auth_unavailable": 0,
         "limit": 0,
     }
     # Packets by type (in: from clients, out: from the upstream).

@@ -8,7 +8,7 @@ test may read and clear, exactly what a real pump would have written or run, in 
 
 from __future__ import annotations
 
-from broker.session import Action, AuthResult, Session, SessionSettings
+from broker.session import Action, AuthResult, CheckAccess, Session, SessionSettings
 from broker.session.stats import Stats
 
 
@@ -60,4 +60,12 @@ class DrivenSession(Session):
 
     def refuse_at_accept(self, reason: str) -> None:
         super().refuse_at_accept(reason)
+        self._collect()
+
+    def access_decided(self, check: CheckAccess, allowed: bool) -> None:
+        super().access_decided(check, allowed)
+        self._collect()
+
+    def credentials_expired(self) -> None:
+        super().credentials_expired()
         self._collect()

@@ -1,0 +1,452 @@
+"""The platform decides (``auth.http``): one keep-alive HTTP client that asks FlowFuse (or any service
+speaking EMQX 5's HTTP authn/authz protocol, or mosquitto-go-auth's HTTP backend) who may connect and
+which topics a client may use.
+
+Owns: the requests and how their answers are read (fail closed: anything but a clear allow refuses),
+the ACL decision cache (TTLs, a bound on entries, coalescing of concurrent misses), the concurrency
+bound, and plain-integer counters (:class:`PlatformStats`) that ``broker.ops`` reads at scrape time.
+
+Must not: retry or cache an authentication (one-time credentials are deleted by the platform after their
+first successful check, so each CONNECT's password is sent exactly once), log a password, token or
+payload, or import prometheus_client (the hot path counts integers).
+
+The two styles, as the platform serves them (``../shared/flowfuse-reference.md``):
+
+- ``emqx``: ``POST auth_url`` ``{"username","password","clientId"}``; allowed only on HTTP 200 with
+  ``{"result": "allow"}`` (its ``is_superuser`` and string ``client_attrs`` are kept).
+  ``POST acl_url`` ``{"username","topic","action"}`` with action ``publish`` or ``subscribe`` (a delivery
+  check is a ``subscribe`` of the literal topic); allowed on ``{"result": "allow"}`` or HTTP 204.
+- ``go-auth``: ``POST auth_url`` ``{"username","password","clientid"}`` and ``POST acl_url``
+  ``{"username","clientid","topic","acc"}`` (acc 2 publish, 4 subscribe, 1 delivery); any 2xx allows.
+
+Outcomes (:class:`PlatformVerdict` ``reason`` and the ``result`` counter label): ``allow``; ``deny`` for an
+explicit deny/ignore or a 4xx; ``error`` for a 5xx, any other status, a body that is not the expected JSON,
+or a connection/TLS failure; ``timeout`` when ``timeout`` seconds pass (waiting for a free request slot
+included). Errors and timeouts are logged as ``platform_error`` at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from broker import __version__
+from broker.config import ConfigError, HttpAuthConfig
+from broker.logs import log_event
+
+log = logging.getLogger("mqtt_front.auth.platform")
+
+ACTIONS: Final = ("publish", "subscribe", "deliver")
+KINDS: Final = ("auth", "acl")
+RESULTS: Final = ("allow", "deny", "error", "timeout")
+# Request latency buckets (seconds): a platform on the same host answers in a millisecond, one across
+# a zone in tens, a struggling one in seconds (the default timeout is 5 s).
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_CACHE_ENTRIES: Final = 100_000
+# Below Node.js's default server keepAliveTimeout (5 s): a pooled connection is dropped before the platform
+# closes it, so a request is never written into a connection the server is closing (it would not be retried).
+KEEPALIVE_EXPIRY: Final = 4.0
+LOG_INTERVAL: Final = 1.0
+
+_GO_AUTH_ACC: Final = {"publish": 2, "subscribe": 4, "deliver": 1}
+_EMQX_ACTION: Final = {"publish": "publish", "subscribe": "subscribe", "deliver": "subscribe"}
+
+CacheKey = tuple[str, str, str, str]  # (username or "", client id (go-auth) or "", wire action, topic)
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformVerdict:
+    """The platform's answer to one CONNECT."""
+
+    ok: bool
+    reason: str  # "allow" | "deny" | "error" | "timeout"
+    superuser: bool = False
+    client_attrs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PlatformStats:
+    """Plain integers, read by the metrics collector at scrape time; never reset.
+
+    ``requests[(kind, result)]``: outcomes of requests (a timeout while waiting for a free slot
+    included). ``cache_hits``/``cache_misses``: ACL cache lookups (a coalesced wait is a miss and
+    also counts in ``coalesced``). ``latency_counts[i]``: requests sent whose latency was at most
+    ``LATENCY_BUCKETS[i]`` and above the previous bound; the last slot is above every bound.
+    ``in_flight``: requests on the wire now.
+    """
+
+    requests: dict[tuple[str, str], int] = field(
+        default_factory=lambda: {(kind, result): 0 for kind in KINDS for result in RESULTS}
+    )
+    cache_hits: int = 0
+    cache_misses: int = 0
+    coalesced: int = 0
+    in_flight: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+
+def resolve_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """``auth.http.headers`` with their values read: ``file:/path`` (its first line, stripped),
+    ``env:NAME`` (that variable), anything else literal. A value that cannot be read, is empty,
+    or holds a line break is a :class:`ConfigError` naming ``auth.http.headers.<name>``."""
+    resolved: dict[str, str] = {}
+    for name, spec in headers.items():
+        where = f"auth.http.headers.{name}"
+        if spec.startswith("file:"):
+            path = Path(spec[5:])
+            try:
+                with path.open(encoding="utf-8") as f:
+                    value = f.readline().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ConfigError(f"{where}: cannot read {path}: {detail}") from None
+        elif spec.startswith("env:"):
+            variable = spec[4:]
+            if variable not in os.environ:
+                raise ConfigError(f"{where}: environment variable {variable} is not set")
+            value = os.environ[variable].strip()
+        else:
+            value = spec
+        if not value:
+            raise ConfigError(f"{where}: the value is empty")
+        if any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"{where}: the value holds a line break")
+        resolved[name] = value
+    return resolved
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs: userinfo replaced by ``***``, query and fragment left out (they may carry tokens)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system's trust store, or only ``ca_file`` when set (a private platform CA)."""
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"auth.http.ca_file: cannot load {ca_file}: {detail}") from None
+
+
+class _Answer:
+    """What one HTTP exchange gave: (result, parsed JSON body or None)."""
+
+    __slots__ = ("body", "result")
+
+    def __init__(self, result: str, body: Any = None) -> None:
+        self.result = result
+        self.body = body
+
+
+class PlatformClient:
+    """Asks the platform (``auth.http``). Call :meth:`start` before the first question, :meth:`close` at the end.
+
+    ``clock`` (monotonic seconds) is for tests of the cache TTLs.
+    """
+
+    def __init__(
+        self,
+        config: HttpAuthConfig,
+        *,
+        max_cache_entries: int = MAX_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.stats = PlatformStats()
+        self._go_auth = config.style == "go-auth"
+        self._max_entries = max(1, max_cache_entries)
+        self._clock = clock
+        self._client: httpx.AsyncClient | None = None
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+        # Insertion-ordered: the first entry is the oldest (evicted first when full).
+        self._cache: dict[CacheKey, tuple[float, bool]] = {}
+        self._by_user: dict[str, set[CacheKey]] = {}
+        self._pending: dict[CacheKey, asyncio.Task[bool]] = {}  # the request a miss of this key waits for
+        self._tasks: set[asyncio.Task[bool]] = set()  # every ACL request running (forget() detaches some)
+        self._urls = {"auth": redact_url(config.auth_url), "acl": redact_url(config.acl_url or "")}
+        self._last_log = -LOG_INTERVAL
+        self._suppressed = 0  # platform_error lines left out since the last one
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resolve the headers, load the CA, open the connection pool. Raises :class:`ConfigError`."""
+        if self._client is not None:
+            return
+        cfg = self.config
+        headers = httpx.Headers({"Content-Type": "application/json", "Accept": "application/json"})
+        headers["User-Agent"] = f"mqtt-front/{__version__}"
+        headers.update(resolve_headers(cfg.headers))  # case-insensitive: a configured header replaces a default
+        limits = httpx.Limits(
+            max_connections=cfg.max_concurrency,
+            max_keepalive_connections=cfg.max_concurrency,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
+        # trust_env=False: no proxy or CA bundle from the environment; the config says where and whom to trust.
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            limits=limits,
+            timeout=httpx.Timeout(cfg.timeout),
+            verify=ssl_context(cfg.ca_file),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        """Cancel the ACL requests in flight and close the pool. Later questions are refused ("error")."""
+        pending = list(self._tasks)
+        self._pending.clear()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # -- authentication -------------------------------------------------------------------
+
+    async def authenticate(self, username: str | None, password: bytes | None, client_id: str) -> PlatformVerdict:
+        """Ask the platform once whether this CONNECT may log in.
+
+        Exactly one request per call, never retried and never cached: the password may be a one-time
+        credential, which the platform deletes after its first successful check. A missing username or
+        password is sent as ``""``, as EMQX renders an undefined placeholder. A password that is not valid
+        UTF-8 cannot be carried in a JSON string (EMQX cannot send it either): it is refused as
+        ``deny`` without a request.
+        """
+        try:
+            secret = (password or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return PlatformVerdict(False, "deny")
+        body: dict[str, object] = {"username": username or "", "password": secret}
+        body["clientid" if self._go_auth else "clientId"] = client_id
+        answer = await self._request("auth", self.config.auth_url, body)
+        if answer.result != "allow":
+            return PlatformVerdict(False, answer.result)
+        if self._go_auth:
+            return PlatformVerdict(True, "allow")
+        data = answer.body
+        attrs = data.get("client_attrs")
+        client_attrs = (
+            {k: v for k, v in attrs.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(attrs, dict)
+            else {}
+        )
+        return PlatformVerdict(True, "allow", superuser=data.get("is_superuser") is True, client_attrs=client_attrs)
+
+    # -- authorization --------------------------------------------------------------------
+
+    def _key(self, username: str | None, client_id: str, action: str, topic: str) -> CacheKey:
+        if action not in _GO_AUTH_ACC:
+            raise ValueError(f"action {action!r} is not one of {', '.join(ACTIONS)}")
+        if self._go_auth:
+            return (username or "", client_id, str(_GO_AUTH_ACC[action]), topic)
+        # A delivery check sends the same request as a subscribe of that literal topic: one entry for both.
+        return (username or "", "", _EMQX_ACTION[action], topic)
+
+    def cached(self, username: str | None, client_id: str, action: str, topic: str) -> bool | None:
+        """The cached decision for this check, or None when unknown or expired (then call :meth:`check`).
+
+        A decision counts as a cache hit; None counts nothing (the :meth:`check` that follows counts the miss).
+        ``action`` is ``publish``, ``subscribe`` or ``deliver``.
+        """
+        decision = self._lookup(self._key(username, client_id, action, topic))
+        if decision is not None:
+            self.stats.cache_hits += 1
+        return decision
+
+    async def check(self, username: str | None, client_id: str, action: str, topic: str) -> bool:
+        """May this client ``action`` (publish, subscribe, deliver) ``topic``? Cached decisions first.
+
+        Concurrent misses of one key share one request. An allow is cached ``cache_ttl`` seconds, a deny
+        ``negative_cache_ttl``; an error or timeout refuses and is not cached (the next check asks again).
+        Cancelling a caller does not cancel the shared request.
+        """
+        key = self._key(username, client_id, action, topic)
+        stats = self.stats
+        decision = self._lookup(key)
+        if decision is not None:
+            stats.cache_hits += 1
+            return decision
+        stats.cache_misses += 1
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._ask(key, username, client_id, action, topic))
+            self._pending[key] = task
+            self._tasks.add(task)
+            task.add_done_callback(lambda done: self._settled(key, done))
+        else:
+            stats.coalesced += 1
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                return False  # close() ended the shared request, not our caller: refuse
+            raise
+
+    def forget(self, username: str) -> None:
+        """Drop every cached decision of this identity; a request in flight for it is answered but not cached."""
+        for key in self._by_user.pop(username, ()):
+            self._cache.pop(key, None)
+        for key in [key for key in self._pending if key[0] == username]:
+            del self._pending[key]
+
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+    def _lookup(self, key: CacheKey) -> bool | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        expires, decision = entry
+        if self._clock() < expires:
+            return decision
+        self._drop(key)
+        return None
+
+    def _store(self, key: CacheKey, decision: bool) -> None:
+        ttl = self.config.cache_ttl if decision else self.config.negative_cache_ttl
+        if ttl <= 0:
+            return
+        cache = self._cache
+        if key in cache:
+            self._drop(key)
+        elif len(cache) >= self._max_entries:
+            self._drop(next(iter(cache)))
+        cache[key] = (self._clock() + ttl, decision)
+        self._by_user.setdefault(key[0], set()).add(key)
+
+    def _drop(self, key: CacheKey) -> None:
+        del self._cache[key]
+        keys = self._by_user.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_user[key[0]]
+
+    def _settled(self, key: CacheKey, task: asyncio.Task[bool]) -> None:
+        self._tasks.discard(task)
+        if self._pending.get(key) is task:
+            del self._pending[key]
+
+    async def _ask(self, key: CacheKey, username: str | None, client_id: str, action: str, topic: str) -> bool:
+        body: dict[str, object]
+        if self._go_auth:
+            body = {"username": username or "", "clientid": client_id, "topic": topic, "acc": _GO_AUTH_ACC[action]}
+        else:
+            body = {"username": username or "", "topic": topic, "action": _EMQX_ACTION[action]}
+        answer = await self._request("acl", self.config.acl_url or "", body)
+        decision = answer.result == "allow"
+        # Not cached when forget() ran meanwhile (the task is no longer the pending one) or on error/timeout.
+        if answer.result in ("allow", "deny") and self._pending.get(key) is asyncio.current_task():
+            self._store(key, decision)
+        return decision
+
+    # -- one request ----------------------------------------------------------------------
+
+    async def _request(self, kind: str, url: str, body: dict[str, object]) -> _Answer:
+        """Send one request (never retried) and read its answer; every failure is an answer, never raised."""
+        stats = self.stats
+        client = self._client
+        if client is None or not url:
+            answer = _Answer("error")
+            self._failed(kind, "error", "not started" if client is None else "no acl_url")
+        else:
+            answer = await self._send(kind, client, url, body)
+        stats.requests[(kind, answer.result)] += 1
+        return answer
+
+    async def _send(self, kind: str, client: httpx.AsyncClient, url: str, body: dict[str, object]) -> _Answer:
+        stats = self.stats
+        content = json.dumps(body, separators=(",", ":")).encode("ascii")
+        sent_at: float | None = None
+        try:
+            async with asyncio.timeout(self.config.timeout), self._slots:
+                stats.in_flight += 1
+                sent_at = time.perf_counter()
+                try:
+                    response = await client.post(url, content=content)
+                finally:
+                    stats.in_flight -= 1
+                    stats.observe(time.perf_counter() - sent_at)
+        except (TimeoutError, httpx.TimeoutException):
+            self._failed(kind, "timeout", "no answer" if sent_at is not None else "no free request slot")
+            return _Answer("timeout")
+        except (httpx.HTTPError, OSError, ssl.SSLError, RuntimeError) as exc:
+            self._failed(kind, "error", type(exc).__name__)
+            return _Answer("error")
+        answer = self._read_go_auth(response) if self._go_auth else self._read_emqx(kind, response)
+        if answer.result == "error":
+            self._failed(kind, "error", f"status {response.status_code}, unexpected answer")
+        return answer
+
+    @staticmethod
+    def _read_go_auth(response: httpx.Response) -> _Answer:
+        status = response.status_code
+        if 200 <= status < 300:
+            return _Answer("allow")
+        return _Answer("deny" if 400 <= status < 500 else "error")
+
+    @staticmethod
+    def _read_emqx(kind: str, response: httpx.Response) -> _Answer:
+        status = response.status_code
+        if kind == "acl" and status == 204:
+            return _Answer("allow")
+        if 400 <= status < 500:
+            return _Answer("deny")  # EMQX reads a 4xx as "ignore": nobody allowed it
+        if status != 200:
+            return _Answer("error")
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            return _Answer("error")
+        result = data.get("result") if isinstance(data, dict) else None
+        if result == "allow":
+            return _Answer("allow", data)
+        if result in ("deny", "ignore"):
+            return _Answer("deny")
+        return _Answer("error")
+
+    def _failed(self, kind: str, reason: str, detail: str) -> None:
+        """Log a platform failure, at most once per LOG_INTERVAL; the lines left out are counted in the next."""
+        now = time.monotonic()
+        if now - self._last_log < LOG_INTERVAL:
+            self._suppressed += 1
+            return
+        self._last_log = now
+        suppressed, self._suppressed = self._suppressed, 0
+        log_event(
+            log,
+            logging.WARNING,
+            "platform_error",
+            url=self._urls[kind],
+            kind=kind,
+            reason=reason,
+            detail=detail,
+            suppressed=suppressed or None,
+        )
