@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from acl.engine import AclEngine
 from acl.identity import parse_identity
+from acl.rules import Action, Effect, Rule
 from broker.mqtt.packets import Connect, encode_connack, encode_connect, encode_publish
 from broker.session import AuthResult, Session, SessionSettings
 
@@ -33,13 +34,14 @@ READS = 20_000
 REPEAT = 7
 
 
-def established(v5: bool) -> Session:
-    acl = AclEngine([], "flowfuse")
+def established(v5: bool, mount: str = "") -> Session:
+    # Mounted sessions' rules are relative to the mount (as FlowFuse's Team Broker rules are).
+    acl = AclEngine([Rule("any", Effect.ALLOW, Action.BOTH, "p/#")], "none") if mount else AclEngine([], "flowfuse")
     policy = acl.for_client(parse_identity(USER), f"{USER}:n")
     s = Session(SessionSettings(upstream_username="front", upstream_password="pw"), peer="bench")
     s.receive_client(encode_connect(Connect(5 if v5 else 4, True, 60, f"{USER}:n", username=USER, password=b"x")))
     s.take_actions()
-    s.auth_done(AuthResult(True, USER, policy, "team1"))
+    s.auth_done(AuthResult(True, USER, policy, "team1", mountpoint=mount))
     s.take_actions()
     s.upstream_connected()
     s.receive_upstream(encode_connack(v5, False, 0))
@@ -83,6 +85,18 @@ def main() -> None:
                 best_out = min(best_out, run(s.receive_upstream, s.data_to_client, outbound))
             name = f"MQTT {'5' if v5 else '3.1.1'} QoS {qos}"
             print(f"  {name:<16} client->upstream {best_in:7.0f} ns/packet   upstream->client (QoS 0) {best_out:7.0f}")
+    # A mounted session (a Team Broker client under ff/v1/<team>/c/): every topic is rewritten both ways.
+    mount = "ff/v1/team1/"  # the preset's rules see client topics p/..., upstream topics ff/v1/team1/p/...
+    inbound = reads(True, 0, TOPIC.removeprefix(mount))
+    outbound = reads(True, 0, DELIVERY)
+    best_in = best_out = float("inf")
+    for _ in range(REPEAT):
+        s = established(True, mount)
+        best_in = min(best_in, run(s.receive_client, s.data_to_upstream, inbound))
+        s = established(True, mount)
+        best_out = min(best_out, run(s.receive_upstream, s.data_to_client, outbound))
+    name = "MQTT 5, mounted"
+    print(f"  {name:<16} client->upstream {best_in:7.0f} ns/packet   upstream->client (QoS 0) {best_out:7.0f}")
 
 
 if __name__ == "__main__":

@@ -79,12 +79,9 @@ def replace_publish_topic(buf: bytes, start: int, end: int, topic: bytes) -> byt
     """
     pos = start + 2 if buf[start + 1] < 0x80 else body_start(buf, start)
     stop = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
-    return b"".join(
-        (
-            bytes((buf[start],)),
-            encode_varint(2 + len(topic) + end - stop),
-            len(topic).to_bytes(2, "big"),
-            topic,
-            buf[stop:end],
-        )
-    )
+    n = len(topic)
+    remaining = 2 + n + end - stop
+    if remaining < 128:  # the common case: a one-byte remaining length
+        return bytes((buf[start], remaining, n >> 8, n & 0xFF)) + topic + buf[stop:end]
+    head = bytes((buf[start],)) + encode_varint(remaining) + bytes((n >> 8, n & 0xFF))
+    return b"".join((head, topic, buf[stop:end]))

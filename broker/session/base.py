@@ -75,6 +75,8 @@ class SessionBase:
         "client_id",
         "peer",
         "policy",
+        "reading_client",
+        "reading_upstream",
         "settings",
         "stats",
         "team",
@@ -127,6 +129,11 @@ class SessionBase:
         # Answers of CheckAccess for the packet being held: (action, topic, retain) -> allowed.
         self._decided: dict[tuple[str, str, bool], bool] = {}
         self._auth_waiting: AuthResult | None = None  # auth_done waits for the will's decision
+        # Whether the I/O layer should keep reading each side (read by it after every hand-over; kept as
+        # plain attributes because the pump looks at them on every read): the client not while the
+        # handshake runs or a check holds its packets, the upstream not while a delivery waits.
+        self.reading_client = True
+        self.reading_upstream = True
 
     # ------------------------------------------------------------------ hand-over (the I/O layer calls these)
 
@@ -158,16 +165,6 @@ class SessionBase:
     @property
     def closed(self) -> bool:
         return self._state is State.CLOSED
-
-    @property
-    def reading_client(self) -> bool:
-        """Whether the I/O layer should keep reading the client (not during the handshake or a held check)."""
-        return self._state in READING_CLIENT and self._held_client is None
-
-    @property
-    def reading_upstream(self) -> bool:
-        """Whether the I/O layer should keep reading the upstream (not while a delivery waits for a check)."""
-        return self._held_upstream is None
 
     @property
     def mountpoint(self) -> str:
@@ -215,6 +212,7 @@ class SessionBase:
         if new not in TRANSITIONS[old]:
             raise AssertionError(f"session state {old.name} -> {new.name} is not a transition")
         self._state = new
+        self.reading_client = new in READING_CLIENT and self._held_client is None
 
     def _close(self, reason: str) -> None:
         if self._state is not State.CLOSED:

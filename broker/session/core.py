@@ -245,8 +245,10 @@ class Session(Paths):
     def _hold(self, table: tuple[Handler, ...], held: tuple[bytes, list[int], int]) -> None:
         if table is self._client_table:
             self._held_client = held
+            self.reading_client = False
         else:
             self._held_upstream = held
+            self.reading_upstream = False
 
     def _queue_behind_check(self, backlog: list[bytes], data: bytes, side: str) -> None:
         backlog.append(data)
@@ -261,6 +263,7 @@ class Session(Paths):
         held, self._held_client = self._held_client, None
         if held is None or self._state is not State.ESTABLISHED:
             return
+        self.reading_client = True
         chunk, ends, start = held
         try:
             self._relay(chunk, ends, start, self._out_upstream, self._client_table, self.stats.packets_in)
@@ -280,6 +283,7 @@ class Session(Paths):
         held, self._held_upstream = self._held_upstream, None
         if held is None or self._state is not State.ESTABLISHED:
             return
+        self.reading_upstream = True
         chunk, ends, start = held
         try:
             self._relay(chunk, ends, start, self._out_client, self._upstream_table, self.stats.packets_out)
