@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/example.yaml
 
-.PHONY: run test lint typecheck unit mosquitto node-deps bench clean
+.PHONY: run test lint typecheck unit mosquitto chromium node-deps bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ mosquitto:
 	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto || ! command -v mosquitto_pub >/dev/null 2>&1; then \
 		echo "mosquitto not found: installing mosquitto and mosquitto-clients with apt-get"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients; \
+	fi
+
+# The browser tests (tests/e2e/test_browser.py) drive Debian's Chromium with playwright-core; install it when missing
+# (`npx playwright install` downloads a browser of its own, which this network does not allow).
+chromium:
+	@if ! test -x /usr/bin/chromium; then \
+		echo "chromium not found: installing chromium with apt-get"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	fi
 
 # ruff, then the architecture (../shared/architecture.md): import-linter's contracts in pyproject.toml, then the
@@ -46,7 +54,7 @@ $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund
 	@touch $@
 
-unit: $(STAMP) mosquitto node-deps
+unit: $(STAMP) mosquitto chromium node-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -109,10 +109,14 @@ class Admission:
 
     async def _authorize(self, username: str | None, password: bytes | None, client_id: str, peer: str) -> AuthResult:
         known_locally = username is not None and username in self.authenticator.users
-        if not known_locally and self.jwt is not None:
-            token = password if self.jwt.token_from == "password" else username
-            if looks_like_jwt(token):
-                return self._bind_jwt(self.jwt.verify(username, password), client_id, peer)
+        jwt_token = self.jwt is not None and looks_like_jwt(password if self.jwt.token_from == "password" else username)
+        if username is not None and not jwt_token and (problem := username_problem(username)) is not None:
+            # Fail closed even if a backend would accept such a name: its client ids could lie in another
+            # identity's namespace. To the client it is an unknown user.
+            log.warning("unusable username from %s (%s): refused as bad credentials", peer, problem)
+            return AuthResult(False, bad_credentials=True)
+        if not known_locally and self.jwt is not None and jwt_token:
+            return self._bind_jwt(self.jwt.verify(username, password), client_id, peer)
         if not known_locally and self.platform is not None and username is not None:
             verdict = await self.platform.authenticate(username, password, client_id)
             if not verdict.ok:
@@ -121,10 +125,6 @@ class Admission:
             mount = verdict.client_attrs.get(self.http_config.team_attr, "") if self.http_config else ""
             superuser = verdict.superuser and self.http_config is not None and self.http_config.honor_superuser
             return self._bind(username, client_id, peer, mount=mount, superuser=superuser)
-        if username is not None and (problem := username_problem(username)) is not None:
-            # Fail closed even if another backend would accept such a name: to the client it is an unknown user.
-            log.warning("unusable username from %s (%s): refused as bad credentials", peer, problem)
-            return AuthResult(False, bad_credentials=True)
         verdict_local = await self.authenticator.check(username, password)
         if not verdict_local.ok:
             return AuthResult(False, bad_credentials=verdict_local.bad_credentials, busy=verdict_local.busy)
@@ -133,6 +133,10 @@ class Admission:
     def _bind_jwt(self, verdict: JwtVerdict, client_id: str, peer: str) -> AuthResult:
         if not verdict.ok or verdict.identity is None:
             self._refused(peer, verdict.identity, client_id, f"jwt: {verdict.reason}")
+            return AuthResult(False, bad_credentials=True)
+        problem = username_problem(verdict.identity)
+        if problem is not None:
+            self._refused(peer, verdict.identity, client_id, f"jwt identity: {problem}")
             return AuthResult(False, bad_credentials=True)
         return self._bind(verdict.identity, client_id, peer, mount=verdict.mountpoint or None, jwt=verdict)
 

@@ -1,4 +1,8 @@
-"""The ``mqtt-front`` command: run, check, passwd, acl explain."""
+"""The ``mqtt-front`` command: run, check, passwd, acl explain.
+
+The parser, ``run`` and ``passwd`` live here; ``check`` (and ``--probe``) in :mod:`broker.cli_check`, ``acl explain``
+in :mod:`broker.cli_explain`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import tempfile
 from collections.abc import Sequence
 
 from broker import __version__
-from broker.config import Config, ConfigError, ListenerConfig, load_config
+from broker.config import Config, ConfigError, load_config
 from broker.logs import JsonFormatter, log_event
 
 log = logging.getLogger("mqtt_front")
@@ -121,52 +125,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             stop_metrics()
 
 
-def _listener_extras(listener: ListenerConfig) -> str:
-    extras = []
-    tls = listener.tls
-    if tls is not None:
-        certs = "client certificates " + ("required" if tls.require_client_cert else "optional")
-        extras.append(f"TLS (min {tls.min_version}, {certs if tls.client_ca else 'no client certificates'}")
-        if tls.use_identity_as_username:
-            extras[-1] += ", certificate identity as username"
-        if tls.server_names:
-            extras[-1] += f", SNI {', '.join(tls.server_names)}"
-        extras[-1] += ")"
-    if listener.proxy_protocol:
-        extras.append("PROXY protocol v1/v2 header required")
-    return "".join(f", {item}" for item in extras)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    try:
-        from broker.auth.users import load_users
-        from broker.edge.tls import TlsContexts
-        from broker.server import build_acl
-        from broker.upstream.tls_config import check_upstream
+    from broker.cli_check import check
 
-        users = load_users(config.auth.users_file) if config.auth.users_file else {}
-        engine = build_acl(config.acl)
-        TlsContexts(config.listeners)  # loads every certificate and key as `run` would
-        upstream_lines = check_upstream(config.upstream) if config.upstream is not None else []
-    except ConfigError as exc:
-        print(f"mqtt-front: {exc}", file=sys.stderr)
-        return 1
-    print(f"configuration {args.config} is valid")
-    for listener in config.listeners:
-        print(f"  listener {listener.name}: {listener.type} on {listener.bind}{_listener_extras(listener)}")
-    if config.upstream is None:
-        print("  upstream: embedded amqtt broker on loopback (MQTT 3.1.1 clients only)")
-    for line in upstream_lines:
-        print(f"  {line}")
-    print(f"  auth: {len(users)} users, anonymous {'allowed' if config.auth.allow_anonymous else 'refused'}")
-    print(f"  acl: preset {config.acl.preset}, {len(engine.rules)} rules in all")
-    ops = config.metrics
-    if ops is not None and ops.bind is not None:
-        print(f"  metrics: http://{ops.bind}/metrics (also /healthz, /readyz), at most {ops.max_teams} team labels")
-    else:
-        print("  metrics: off (metrics.bind not set)")
-    return 0
+    return check(_load(args.config), args.config, probe=args.probe)
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -188,30 +150,9 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_acl_explain(args: argparse.Namespace) -> int:
-    from acl.identity import parse_identity
-    from broker.server import build_acl
+    from broker.cli_explain import explain
 
-    config = _load(args.config)
-    try:
-        engine = build_acl(config.acl)
-    except ConfigError as exc:
-        print(f"mqtt-front: {exc}", file=sys.stderr)
-        return 1
-    identity = parse_identity(args.user or None)
-    client_id = args.client_id if args.client_id is not None else (args.user or "")
-    acl = engine.for_client(identity, client_id, cache_size=0)
-    if args.publish is not None:
-        decision = acl.explain_publish(args.publish, args.retain)
-        what = f"publish {args.publish!r}" + (" (retained)" if args.retain else "")
-    else:
-        decision = acl.explain_subscribe(args.subscribe)
-        what = f"subscribe {args.subscribe!r}"
-    print(f"identity: {identity.kind.value} user={identity.username!r} team={identity.team!r}")
-    print(f"{'ALLOW' if decision.allowed else 'DENY'} {what}")
-    rule = decision.rule
-    detail = f": {rule.effect.value} {rule.action.value} {rule.pattern!r} for {rule.who}" if rule else ""
-    print(f"decided by {decision.source}{detail}")
-    return 0 if decision.allowed else 2
+    return explain(_load(args.config), args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a configuration and print what would listen where")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also send one request to auth.http's auth_url and acl_url (a harmless unknown identity); exit 2 if "
+        "the platform cannot be used",
+    )
     check.set_defaults(func=cmd_check)
 
     passwd = sub.add_parser("passwd", help="hash a password read from stdin (for auth.users_file)")
@@ -239,14 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     acl = sub.add_parser("acl", help="access-control tools")
     acl_sub = acl.add_subparsers(dest="acl_command", required=True)
-    explain = acl_sub.add_parser("explain", help="show whether a user may publish/subscribe, and which rule decides")
+    explain = acl_sub.add_parser(
+        "explain",
+        help="show whether a user may publish/subscribe/receive, which rule (or the platform) decides, and the "
+        "upstream topic under a mountpoint (exit 0 allow, 2 deny, 3 the platform decides but was not asked)",
+    )
     explain.add_argument("-c", "--config", required=True)
     explain.add_argument("--user", default="", help="MQTT username (empty = anonymous)")
-    explain.add_argument("--client-id", default=None)
+    explain.add_argument("--client-id", default=None, help="the client id (default: the username)")
     group = explain.add_mutually_exclusive_group(required=True)
     group.add_argument("--publish", metavar="TOPIC")
     group.add_argument("--subscribe", metavar="FILTER")
+    group.add_argument("--receive", metavar="TOPIC", help="a delivery of a message published on TOPIC")
     explain.add_argument("--retain", action="store_true", help="with --publish: a retained message")
+    explain.add_argument(
+        "--ask-platform",
+        action="store_true",
+        help="with acl.source: http, send the check to auth.http.acl_url and print the answer",
+    )
+    explain.add_argument(
+        "--mountpoint",
+        metavar="M",
+        help="the session's mountpoint (e.g. ff/v1/<team>/c/), as the platform's login answer would set it",
+    )
     explain.set_defaults(func=cmd_acl_explain)
     return parser
 

@@ -38,6 +38,8 @@ from pathlib import Path
 # belong to the package's component.
 LAYERS: list[tuple[str, ...]] = [
     ("broker.cli",),
+    # The subcommands broker.cli hands over to (check and its probe, acl explain): independent of each other.
+    ("broker.cli_check", "broker.cli_explain"),
     ("broker.server",),
     ("broker.admission",),
     ("broker.ops",),
