@@ -30,7 +30,7 @@ widened to ``#`` from the level holding the placeholder, so it still denies ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -358,6 +358,12 @@ class ClaimPolicy:
         if outcome == _NO_MATCH:
             return self.fallback.check_subscribe(topic_filter)
         return outcome == _ALLOW
+
+    @property
+    def fast_paths_expired(self) -> Callable[[], bool] | None:
+        """The fallback's (the platform's): its allows expire, the claims' never do (see broker.auth.platform_acl)."""
+        expired: Callable[[], bool] | None = getattr(self.fallback, "fast_paths_expired", None)
+        return expired
 
     async def decide(self, action: str, topic: str, retain: bool = False) -> bool:
         """Asked only after a check answered None: no claim matched and the fallback must ask (the platform)."""

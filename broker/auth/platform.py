@@ -279,6 +279,18 @@ class PlatformClient:
             self.stats.cache_hits += 1
         return decision
 
+    def expires(self, username: str | None, client_id: str, action: str, topic: str) -> float:
+        """When the cached decision for this check stops being reused (on :meth:`now`'s clock); now when none is.
+
+        Counts nothing. A session that keeps allowed topics of its own (its fast paths) must drop them then.
+        """
+        entry = self._cache.get(self._key(username, client_id, action, topic))
+        return entry[0] if entry is not None else self._clock()
+
+    def now(self) -> float:
+        """The clock the cache's expiry times are on."""
+        return self._clock()
+
     async def check(self, username: str | None, client_id: str, action: str, topic: str) -> bool:
         """May this client ``action`` (publish, subscribe, deliver) ``topic``? Cached decisions first.
 

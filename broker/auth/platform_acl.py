@@ -5,10 +5,15 @@ client's cache and says None when it does not know; the session then holds the p
 I/O layer calls :meth:`PlatformPolicy.decide`, which asks the platform (coalesced, bounded,
 cached, fail closed). Topics are the client-visible ones; a mounted session's rules are relative
 to its mountpoint, as FlowFuse's are.
+
+The session also keeps the topics it was allowed to publish and read (its fast paths, which skip the
+policy). A platform allow is reused only for ``cache_ttl``: the policy remembers when the earliest allow it
+gave expires, and :meth:`PlatformPolicy.fast_paths_expired` tells the session to drop those topics then.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +23,8 @@ class PlatformAcl(Protocol):
 
     def cached(self, username: str | None, client_id: str, action: str, topic: str) -> bool | None: ...
     async def check(self, username: str | None, client_id: str, action: str, topic: str) -> bool: ...
+    def expires(self, username: str | None, client_id: str, action: str, topic: str) -> float: ...
+    def now(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +40,36 @@ _ACTIONS = {"publish": "publish", "will": "publish", "subscribe": "subscribe", "
 
 
 class PlatformPolicy:
-    __slots__ = ("_client", "_client_id", "_superuser", "_username")
+    __slots__ = ("_allowed_until", "_client", "_client_id", "_superuser", "_username")
 
     def __init__(self, client: PlatformAcl, username: str | None, client_id: str, superuser: bool = False) -> None:
         self._client = client
         self._username = username
         self._client_id = client_id
         self._superuser = superuser  # only when auth.http.honor_superuser: every check allowed
+        # The earliest expiry of a publish/deliver allow given since the session last dropped its fast paths.
+        self._allowed_until = math.inf
+
+    def _allowed(self, action: str, topic: str) -> None:
+        """A publish or deliver allow the session may remember: it must forget it when the platform's does."""
+        until = self._client.expires(self._username, self._client_id, action, topic)
+        if until < self._allowed_until:
+            self._allowed_until = until
+
+    def fast_paths_expired(self) -> bool:
+        """True once an allow the session may have remembered has expired (then the session forgets them all)."""
+        if self._allowed_until == math.inf or self._client.now() < self._allowed_until:
+            return False
+        self._allowed_until = math.inf
+        return True
 
     def check_publish(self, topic: str, retain: bool = False) -> bool | None:
-        return True if self._superuser else self._client.cached(self._username, self._client_id, "publish", topic)
+        if self._superuser:
+            return True
+        decision = self._client.cached(self._username, self._client_id, "publish", topic)
+        if decision:
+            self._allowed("publish", topic)
+        return decision
 
     def check_subscribe(self, topic_filter: str) -> bool | None:
         if self._superuser:
@@ -50,13 +77,22 @@ class PlatformPolicy:
         return self._client.cached(self._username, self._client_id, "subscribe", topic_filter)
 
     def check_receive(self, topic: str) -> bool | None:
-        return True if self._superuser else self._client.cached(self._username, self._client_id, "deliver", topic)
+        if self._superuser:
+            return True
+        decision = self._client.cached(self._username, self._client_id, "deliver", topic)
+        if decision:
+            self._allowed("deliver", topic)
+        return decision
 
     async def decide(self, action: str, topic: str, retain: bool = False) -> bool:
         """Ask the platform (the session asked with CheckAccess); False on any failure or timeout."""
         if self._superuser:
             return True
-        return await self._client.check(self._username, self._client_id, _ACTIONS.get(action, action), topic)
+        action = _ACTIONS.get(action, action)
+        allowed = await self._client.check(self._username, self._client_id, action, topic)
+        if allowed and action in ("publish", "deliver"):
+            self._allowed(action, topic)
+        return allowed
 
     def explain_publish(self, topic: str, retain: bool = False) -> PlatformDecision:
         return PlatformDecision(False, source="platform (auth.http.acl_url)")

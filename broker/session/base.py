@@ -11,6 +11,7 @@ build on it: :mod:`broker.session.handshake` (CONNECT to CONNACK) and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from acl.cache import BoundedCache
@@ -57,6 +58,7 @@ class SessionBase:
         "_decided",
         "_deny_log",
         "_early",
+        "_fast_expired",
         "_held_client",
         "_held_upstream",
         "_mount",
@@ -112,6 +114,8 @@ class SessionBase:
         self._publish_ok: BoundedCache[bytes, bool] = BoundedCache()
         self._publish_ok_retained: BoundedCache[bytes, bool] = BoundedCache()
         self._receive_ok: BoundedCache[bytes, bool] = BoundedCache()
+        # A policy whose allows expire (the platform's cache) says when those topics must be asked about again.
+        self._fast_expired: Callable[[], bool] | None = None
         self._deny_log: DenyLog | None = None  # created on the first denial
         self._early = b""
         self._client_id_rule = ClientIdRule.PREFIX

@@ -96,6 +96,12 @@ class Session(Paths):
         (a forwarded DISCONNECT itself still does). A handler answering HOLD stops the run there:
         that packet and the rest of the chunk wait for the access decision.
         """
+        expired = self._fast_expired
+        if expired is not None and expired():
+            # An allow the fast paths remember is no longer reused by the policy (the platform's cache_ttl).
+            self._publish_ok.clear()
+            self._publish_ok_retained.clear()
+            self._receive_ok.clear()
         run = start
         try:
             for end in ends:

@@ -32,6 +32,7 @@ from broker.mqtt.properties import Prop, Properties
 from broker.mqtt.reasons import ConnackV3, ConnackV5, DisconnectReason
 from broker.session.api import Authenticate, AuthResult, ClientIdRule, OpenUpstream, State
 from broker.session.base import SessionBase, log
+from broker.session.mount import fits
 
 # Anonymous clients share one client-id namespace upstream, apart from every user's.
 ANONYMOUS_PREFIX = "anonymous:"
@@ -135,6 +136,7 @@ class Handshake(SessionBase):
             return
         self.username = result.username
         self.policy = result.policy
+        self._fast_expired = getattr(result.policy, "fast_paths_expired", None)
         self.team = result.team
         self._client_id_rule = result.client_id_rule
         self._mount = result.mountpoint
@@ -155,10 +157,21 @@ class Handshake(SessionBase):
             )
             return
         will = connect.will
+        mount = self._mount
+        if will is not None and mount:
+            # A will topic (or response topic) longer than an MQTT string once mounted cannot go upstream.
+            response_topic = (will.properties or {}).get(Prop.RESPONSE_TOPIC, "")
+            if not (fits(mount + will.topic) and fits(mount + response_topic)):
+                self.stats.denied_will += 1
+                self._refuse_connect(
+                    ConnackV3.NOT_AUTHORIZED, ConnackV5.TOPIC_NAME_INVALID, "will topic too long under the mountpoint",
+                    "not_authorized",
+                )
+                return
         if will is not None:
-            allowed = result.policy.check_publish(will.topic, will.retain)
+            allowed = self._decided.pop(("publish", will.topic, will.retain), None)  # the answer it waited for
             if allowed is None:
-                allowed = self._decided.pop(("publish", will.topic, will.retain), None)
+                allowed = result.policy.check_publish(will.topic, will.retain)
             if allowed is None:
                 # The platform decides the will too: wait for its answer (access_decided) in this state.
                 self._auth_waiting = result

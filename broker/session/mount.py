@@ -10,6 +10,9 @@ unsubscribe, response topic, delivery).
 from __future__ import annotations
 
 from acl.topics import is_shared
+from broker.mqtt.errors import ProtocolViolation
+
+MAX_NAME = 65535  # bytes: an MQTT string, so the longest topic or filter the upstream can be sent
 
 
 def mountpoint_problem(mount: str) -> str | None:
@@ -34,3 +37,19 @@ def unmount_topic(mount: str, topic: str) -> str | None:
     if len(topic) > len(mount) and topic.startswith(mount):
         return topic[len(mount) :]
     return None
+
+
+def fits(name: str) -> bool:
+    """Whether a mounted topic or filter is still an MQTT string (at most 65535 bytes of UTF-8)."""
+    return len(name) <= MAX_NAME // 4 or len(name.encode()) <= MAX_NAME
+
+
+def checked(name: str, reason: int) -> str:
+    """A mounted topic or filter, unchanged; ``ProtocolViolation`` with ``reason`` when it does not fit.
+
+    A client's name can be valid (up to 65535 bytes) and too long once the mountpoint is in front: it
+    cannot be encoded upstream, and cutting it would change what it means.
+    """
+    if not fits(name):
+        raise ProtocolViolation(f"topic or filter too long under the mountpoint ({len(name.encode())} bytes)", reason)
+    return name

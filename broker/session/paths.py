@@ -35,10 +35,13 @@ from broker.mqtt.peek import ack_packet_id, replace_publish_topic
 from broker.mqtt.properties import Prop
 from broker.mqtt.reasons import DisconnectReason, PubackReason, SubackReason
 from broker.session.handshake import Handshake
-from broker.session.mount import mount_filter, unmount_topic
+from broker.session.mount import checked, mount_filter, unmount_topic
 
 HOLD = bytes(bytearray(b"\x00"))
 """A handler's answer "wait for the access decision" (compared by identity, never sent)."""
+
+# A valid client topic or filter too long once mounted: the client is disconnected with these (v5).
+_NAME_INVALID, _FILTER_INVALID = DisconnectReason.TOPIC_NAME_INVALID, DisconnectReason.TOPIC_FILTER_INVALID
 
 
 class Paths(Handshake):
@@ -59,9 +62,10 @@ class Paths(Handshake):
             rewritten = True
         policy = self.policy
         assert policy is not None
-        allowed = policy.check_publish(topic, pub.retain)
+        # The answer a held packet waited for first: asking the policy again would count it twice.
+        allowed = self._decided.get(("publish", topic, pub.retain)) if self._decided else None
         if allowed is None:
-            allowed = self._decided.get(("publish", topic, pub.retain))
+            allowed = policy.check_publish(topic, pub.retain)
             if allowed is None:
                 self._ask("publish", topic, pub.retain)
                 return HOLD
@@ -78,15 +82,16 @@ class Paths(Handshake):
             if not mount:
                 return None
             if not response_topic:
-                return replace_publish_topic(chunk, start, end, (mount + topic).encode())
+                return replace_publish_topic(chunk, start, end, checked(mount + topic, _NAME_INVALID).encode())
         # Encoded anew: the alias was resolved, or the response topic moves under the mountpoint too.
         assert props is not None
         props = dict(props)
         props.pop(Prop.TOPIC_ALIAS, None)
         if mount and response_topic:
-            props[Prop.RESPONSE_TOPIC] = mount + props[Prop.RESPONSE_TOPIC]
+            props[Prop.RESPONSE_TOPIC] = checked(mount + props[Prop.RESPONSE_TOPIC], _NAME_INVALID)
         payload = chunk[pub.payload_start : end]
-        return encode_publish(pub.qos, pub.retain, pub.dup, mount + topic, pub.packet_id, props, payload)
+        topic = checked(mount + topic, _NAME_INVALID)
+        return encode_publish(pub.qos, pub.retain, pub.dup, topic, pub.packet_id, props, payload)
 
     def _refuse_publish(self, pub: Publish, topic: str, v5: bool) -> bytes:
         self.stats.denied_publish += 1
@@ -134,9 +139,9 @@ class Paths(Handshake):
         # and nothing is counted or logged twice when it is handled again with the answer.
         verdicts: list[bool] = []
         for filt, _ in sub.filters:
-            allowed = policy.check_subscribe(filt)
+            allowed = self._decided.get(("subscribe", filt, False)) if self._decided else None
             if allowed is None:
-                allowed = self._decided.get(("subscribe", filt, False))
+                allowed = policy.check_subscribe(filt)
                 if allowed is None:
                     self._ask("subscribe", filt, False)
                     return HOLD
@@ -148,7 +153,7 @@ class Paths(Handshake):
         for (filt, options), allowed in zip(sub.filters, verdicts, strict=True):
             if allowed:
                 codes.append(None)
-                forwarded.append((mount_filter(mount, filt) if mount else filt, options))
+                forwarded.append((checked(mount_filter(mount, filt), _FILTER_INVALID) if mount else filt, options))
             else:
                 codes.append(refused)
                 self.stats.denied_subscribe += 1
@@ -168,7 +173,7 @@ class Paths(Handshake):
         mount = self._mount
         if not mount:
             return None
-        filters = [mount_filter(mount, filt) for filt in unsub.filters]
+        filters = [checked(mount_filter(mount, filt), _FILTER_INVALID) for filt in unsub.filters]
         return encode_unsubscribe(Unsubscribe(unsub.packet_id, filters, unsub.properties), self.v5)
 
     def _client_pingreq(self, chunk: bytes, start: int, end: int) -> bytes | None:
@@ -208,9 +213,9 @@ class Paths(Handshake):
         policy = self.policy
         allowed: bool | None = False
         if topic is not None and policy is not None:
-            allowed = policy.check_receive(topic)
+            allowed = self._decided.get(("deliver", topic, False)) if self._decided else None
             if allowed is None:
-                allowed = self._decided.get(("deliver", topic, False))
+                allowed = policy.check_receive(topic)
                 if allowed is None:
                     self._ask("deliver", topic, False)
                     return HOLD
