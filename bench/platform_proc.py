@@ -1,6 +1,7 @@
-"""The fake FlowFuse platform in a process of its own, and mqtt-front configured to ask it (``auth.http``).
+"""The platform in a process of its own, and mqtt-front configured to ask it (``auth.http``, style emqx).
 
-The platform is ``tests.support.platform.FakePlatform`` (real HTTP, aiohttp, FlowFuse's EMQX-style API)
+The platform is ``bench.platform_lean.LeanPlatform`` (a bare asyncio HTTP/1.1 server, cheap enough not
+to be the bottleneck) or ``tests.support.platform.FakePlatform`` (aiohttp, FlowFuse's full semantics),
 run on uvloop in a spawned child, so its CPU is measured apart from the front's (``/proc/<pid>/stat``).
 The parent drives it over a pipe: change an endpoint's ``delay``, read the request counts and the most
 requests seen in flight at once, clear the logs, stop.
@@ -30,7 +31,7 @@ CTX = multiprocessing.get_context("spawn")
 # ------------------------------------------------------------------ the platform (child process)
 
 
-def serve_platform(conn: Connection, usernames: list[str], password: str, auth_delay: float,
+def serve_platform(conn: Connection, kind: str, usernames: list[str], password: str, auth_delay: float,
                    acl_delay: float) -> None:
     try:
         import uvloop
@@ -38,16 +39,23 @@ def serve_platform(conn: Connection, usernames: list[str], password: str, auth_d
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a test dependency
         pass
-    asyncio.run(_serve(conn, usernames, password, auth_delay, acl_delay))
+    asyncio.run(_serve(conn, kind, usernames, password, auth_delay, acl_delay))
 
 
-async def _serve(conn: Connection, usernames: list[str], password: str, auth_delay: float, acl_delay: float) -> None:
-    from tests.support.platform import FakePlatform
+async def _serve(conn: Connection, kind: str, usernames: list[str], password: str, auth_delay: float,
+                 acl_delay: float) -> None:
+    platform: Any
+    if kind == "fake":
+        from tests.support.platform import FakePlatform
 
-    platform = FakePlatform()
-    for name in usernames:
-        platform.add(name, password)
-    platform.auth.delay, platform.acl.delay = auth_delay, acl_delay
+        platform = FakePlatform()
+        for name in usernames:
+            platform.add(name, password)
+        platform.auth.delay, platform.acl.delay = auth_delay, acl_delay
+    else:
+        from bench.platform_lean import LeanPlatform
+
+        platform = LeanPlatform(usernames, password, auth_delay, acl_delay)
     await platform.start()
     conn.send(platform.port)
     loop = asyncio.get_running_loop()
@@ -62,11 +70,14 @@ async def _serve(conn: Connection, usernames: list[str], password: str, auth_del
         elif cmd == "stats":
             conn.send({f"{name}_{what}": getattr(ep, what) for name, ep in endpoints.items()
                        for what in ("count", "peak", "in_flight")})
-        elif cmd == "clear":  # the logs and peaks, not the knobs
+        elif cmd == "clear":  # the counts, logs and peaks, not the knobs
             for ep in endpoints.values():
-                ep.requests.clear()
-                ep.headers.clear()
-                ep.peers.clear()
+                if kind == "fake":
+                    ep.requests.clear()
+                    ep.headers.clear()
+                    ep.peers.clear()
+                else:
+                    ep.count = 0
                 ep.peak = ep.in_flight
             conn.send(None)
     await platform.stop()
@@ -80,10 +91,12 @@ class PlatformProc:
     port: int
 
     @classmethod
-    def start(cls, usernames: list[str], password: str, auth_delay: float = 0.0, acl_delay: float = 0.0) -> PlatformProc:
+    def start(cls, usernames: list[str], password: str, auth_delay: float = 0.0, acl_delay: float = 0.0,
+              kind: str = "lean") -> PlatformProc:
+        """``kind``: ``lean`` (bench.platform_lean) or ``fake`` (tests.support.platform.FakePlatform)."""
         parent, child = CTX.Pipe()
-        process = CTX.Process(target=serve_platform, args=(child, usernames, password, auth_delay, acl_delay),
-                              daemon=True)
+        process = CTX.Process(target=serve_platform,
+                              args=(child, kind, usernames, password, auth_delay, acl_delay), daemon=True)
         process.start()
         if not parent.poll(60):
             process.kill()
@@ -129,9 +142,11 @@ class PlatformProc:
 
 
 def start_platform_front(workdir: Path, upstream_port: int, platform: PlatformProc, *, acl_source: str,
-                         max_concurrency: int = 64, cache_ttl: float = 3600.0, name: str = "front") -> tuple[Proc, int]:
+                         max_concurrency: int = 64, cache_ttl: float = 3600.0, name: str = "front",
+                         jwt_secret: str | None = None) -> tuple[Proc, int]:
     """mqtt-front (one worker, tcp listener) authenticating every CONNECT with the platform (emqx style,
-    no users file) and with ``acl.source`` ``local`` (FlowFuse preset) or ``http``; returns (process, port)."""
+    no users file) and with ``acl.source`` ``local`` (FlowFuse preset) or ``http``; returns (process, port).
+    ``jwt_secret`` adds ``auth.jwt`` (HS256): a password that is a JWT is then decided without the platform."""
     port = free_port()
     config = {
         "listeners": [{"name": "mqtt", "type": "tcp", "bind": f"127.0.0.1:{port}"}],
@@ -152,6 +167,8 @@ def start_platform_front(workdir: Path, upstream_port: int, platform: PlatformPr
         "acl": {"source": acl_source, "preset": "flowfuse"},
         "logging": {"level": "warning"},
     }
+    if jwt_secret is not None:
+        config["auth"]["jwt"] = {"secret": jwt_secret, "algorithms": ["HS256"]}  # type: ignore[index]
     conf = workdir / f"{name}.yaml"
     conf.write_text(yaml.safe_dump(config))
     exe = Path(sys.executable).with_name("mqtt-front")

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict
 
 from broker import __version__
 from broker.config import ConfigError, HttpAuthConfig
@@ -180,7 +181,7 @@ class PlatformClient:
         self._go_auth = config.style == "go-auth"
         self._max_entries = max(1, max_cache_entries)
         self._clock = clock
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.max_concurrency)
         # Insertion-ordered: the first entry is the oldest (evicted first when full).
         self._cache: dict[CacheKey, tuple[float, bool]] = {}
@@ -198,22 +199,22 @@ class PlatformClient:
         if self._client is not None:
             return
         cfg = self.config
-        headers = httpx.Headers({"Content-Type": "application/json", "Accept": "application/json"})
+        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json", "Accept": "application/json"})
         headers["User-Agent"] = f"mqtt-front/{__version__}"
         headers.update(resolve_headers(cfg.headers))  # case-insensitive: a configured header replaces a default
-        limits = httpx.Limits(
-            max_connections=cfg.max_concurrency,
-            max_keepalive_connections=cfg.max_concurrency,
-            keepalive_expiry=KEEPALIVE_EXPIRY,
+        connector = aiohttp.TCPConnector(
+            limit=cfg.max_concurrency, keepalive_timeout=KEEPALIVE_EXPIRY, ssl=ssl_context(cfg.ca_file)
         )
         # trust_env=False: no proxy or CA bundle from the environment; the config says where and whom to trust.
-        self._client = httpx.AsyncClient(
+        # aiohttp rather than httpx: httpcore's pool costs CPU that grows with the requests in flight (a
+        # 1,000-client login storm at max_concurrency 64 took 5 s of CPU with it; see docs/benchmarks.md).
+        self._client = aiohttp.ClientSession(
             headers=headers,
-            limits=limits,
-            timeout=httpx.Timeout(cfg.timeout),
-            verify=ssl_context(cfg.ca_file),
-            follow_redirects=False,
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout),
             trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept-Encoding",),
         )
 
     async def close(self) -> None:
@@ -225,7 +226,7 @@ class PlatformClient:
         await asyncio.gather(*pending, return_exceptions=True)
         client, self._client = self._client, None
         if client is not None:
-            await client.aclose()
+            await client.close()
 
     # -- authentication -------------------------------------------------------------------
 
@@ -393,7 +394,7 @@ class PlatformClient:
         stats.requests[(kind, answer.result)] += 1
         return answer
 
-    async def _send(self, kind: str, client: httpx.AsyncClient, url: str, body: dict[str, object]) -> _Answer:
+    async def _send(self, kind: str, client: aiohttp.ClientSession, url: str, body: dict[str, object]) -> _Answer:
         stats = self.stats
         content = json.dumps(body, separators=(",", ":")).encode("ascii")
         sent_at: float | None = None
@@ -402,31 +403,31 @@ class PlatformClient:
                 stats.in_flight += 1
                 sent_at = time.perf_counter()
                 try:
-                    response = await client.post(url, content=content)
+                    async with client.post(url, data=content, allow_redirects=False) as response:
+                        status = response.status
+                        data = await response.read()
                 finally:
                     stats.in_flight -= 1
                     stats.observe(time.perf_counter() - sent_at)
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             self._failed(kind, "timeout", "no answer" if sent_at is not None else "no free request slot")
             return _Answer("timeout")
-        except (httpx.HTTPError, OSError, ssl.SSLError, RuntimeError) as exc:
+        except (aiohttp.ClientError, OSError, ssl.SSLError, RuntimeError, ValueError) as exc:
             self._failed(kind, "error", type(exc).__name__)
             return _Answer("error")
-        answer = self._read_go_auth(response) if self._go_auth else self._read_emqx(kind, response)
+        answer = self._read_go_auth(status) if self._go_auth else self._read_emqx(kind, status, data)
         if answer.result == "error":
-            self._failed(kind, "error", f"status {response.status_code}, unexpected answer")
+            self._failed(kind, "error", f"status {status}, unexpected answer")
         return answer
 
     @staticmethod
-    def _read_go_auth(response: httpx.Response) -> _Answer:
-        status = response.status_code
+    def _read_go_auth(status: int) -> _Answer:
         if 200 <= status < 300:
             return _Answer("allow")
         return _Answer("deny" if 400 <= status < 500 else "error")
 
     @staticmethod
-    def _read_emqx(kind: str, response: httpx.Response) -> _Answer:
-        status = response.status_code
+    def _read_emqx(kind: str, status: int, content: bytes) -> _Answer:
         if kind == "acl" and status == 204:
             return _Answer("allow")
         if 400 <= status < 500:
@@ -434,7 +435,7 @@ class PlatformClient:
         if status != 200:
             return _Answer("error")
         try:
-            data = json.loads(response.content)
+            data = json.loads(content)
         except ValueError:
             return _Answer("error")
         result = data.get("result") if isinstance(data, dict) else None
