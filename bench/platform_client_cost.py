@@ -7,8 +7,9 @@ are started at once and bounded by ``max_concurrency`` (16, 64, 256), against th
 (``bench.platform_lean``) in a process of its own answering after ``--delay``. Reports the wall time
 against the bound ``requests x delay / max_concurrency`` and this process's CPU per request, for
 
-- ``PlatformClient``: ``broker.auth.platform.PlatformClient.authenticate``, exactly what a CONNECT costs
-  the front on the platform side (httpx 0.28 / httpcore 1.0 pool, a semaphore of max_concurrency);
+- ``PlatformClient (as built)``: ``broker.auth.platform.PlatformClient.authenticate``, exactly what a
+  CONNECT costs the front on the platform side, with whatever HTTP library it is built on (httpx until
+  commit f2dba43, aiohttp since), behind its semaphore of max_concurrency;
 - bare httpx: one ``httpx.AsyncClient`` with ``max_connections`` = max_concurrency (no semaphore), and the
   same split over 8 clients of max_concurrency/8 connections each (the pool's work grows with its size);
 - ``aiohttp``: one ``aiohttp.ClientSession`` with ``TCPConnector(limit=max_concurrency)``, the same
@@ -95,7 +96,7 @@ async def with_httpx_pools(base: str, n: int, concurrency: int, pools: int) -> t
 
 
 VARIANTS = {
-    "PlatformClient (httpx, 1 pool)": with_platform_client,
+    "PlatformClient (as built)": with_platform_client,
     "bare httpx, 1 pool": lambda base, n, c: with_httpx_pools(base, n, c, 1),
     "bare httpx, 8 pools of max_concurrency/8": lambda base, n, c: with_httpx_pools(base, n, c, 8),
     "aiohttp": with_aiohttp,
@@ -130,8 +131,11 @@ def main() -> None:
                     results.setdefault((which, concurrency), []).append(res)
     finally:
         platform.stop()
+    import broker.auth.platform as built
+
+    library = "aiohttp" if hasattr(built, "aiohttp") else "httpx" if hasattr(built, "httpx") else "?"
     print(f"\n{args.requests} auth requests, platform answering after {args.delay * 1000:.0f} ms; "
-          f"median [min-max] of {args.repeat}\n")
+          f"median [min-max] of {args.repeat}; PlatformClient on {library}\n")
     print("| client | max_concurrency | bound s | wall s | CPU µs per request |\n|---|---|---|---|---|")
     for (which, concurrency), rs in results.items():
         def cell(key: str, digits: int, rs: list[dict[str, Any]] = rs) -> str:

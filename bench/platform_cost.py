@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import platform_load as load
-from bench.harness import PASSWORD, Proc, start_mosquitto
+from bench.harness import PASSWORD, Proc, free_port, start_mosquitto
 from bench.loadgen import Target, publish_packet, run_subscriber
 from bench.platform_proc import PlatformProc, start_platform_front
 
@@ -125,8 +125,26 @@ def jwt_tokens(secret: str) -> list[str]:
     return [jwt.encode({"sub": u, "exp": exp}, secret, algorithm="HS256") for u in STORM_USERS]
 
 
+def auth_latency(metrics_port: int | None) -> tuple[float, float]:
+    """(sum of seconds, count) of mqtt_front_auth_request_seconds: the platform requests as the front timed
+    them (from sending, inside its request slot, to the answer read), on the front's /metrics."""
+    if metrics_port is None:
+        return 0.0, 0.0
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("mqtt_front_auth_request_seconds_sum"):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mqtt_front_auth_request_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def storm_once(port: int, front: Proc | None, mosq: Proc, platform: PlatformProc,
-               passwords: list[str] | None = None) -> dict[str, Any]:
+               passwords: list[str] | None = None, metrics_port: int | None = None) -> dict[str, Any]:
     procs_n = 2
     go, release, results = CTX.Event(), CTX.Event(), CTX.Queue()
     per = len(STORM_USERS) // procs_n
@@ -137,12 +155,14 @@ def storm_once(port: int, front: Proc | None, mosq: Proc, platform: PlatformProc
     for _ in range(procs_n):
         assert results.get(timeout=60) == "ready"
     platform.clear()
+    lat0 = auth_latency(metrics_port)
     overflows = listen_overflows()
     cpu0 = (front.cpu() if front else 0.0, platform.cpu(), mosq.cpu())
     go.set()
     got = [results.get(timeout=120) for _ in range(procs_n)]
     cpu1 = (front.cpu() if front else 0.0, platform.cpu(), mosq.cpu())
     overflows = listen_overflows() - overflows
+    lat1 = auth_latency(metrics_port)
     pstats = platform.stats()
     release.set()
     _join(gens)
@@ -165,11 +185,15 @@ def storm_once(port: int, front: Proc | None, mosq: Proc, platform: PlatformProc
         "auth_requests": pstats["auth_count"],
         "auth_peak_in_flight": pstats["auth_peak"],
         "listen_overflows": overflows,
+        # Mean time a platform request held its slot, as the front timed it (NaN without /metrics).
+        "auth_latency_ms": (lat1[0] - lat0[0]) / (lat1[1] - lat0[1]) * 1e3 if lat1[1] > lat0[1] else float("nan"),
     }
 
 
-def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str) -> dict[str, Any]:
+def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str, jitter: float) -> dict[str, Any]:
     platform = PlatformProc.start(STORM_USERS, PASSWORD, auth_delay=DELAY, kind=kind)
+    if jitter:
+        platform.set_jitter("auth", jitter)
     secret = "bench-" + "s" * 40
     tokens = jwt_tokens(secret)
     variants: list[tuple[str, int | None, float]] = [
@@ -186,15 +210,25 @@ def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str)
             for name, mc, delay in variants:
                 front = None
                 port = mosq_port
+                metrics_port = None
                 jwt_run = delay < 0
                 if mc is not None:
                     platform.set_delay("auth", max(0.0, delay))
-                    front, port = start_platform_front(workdir, mosq_port, platform, acl_source="local",
-                                                       max_concurrency=mc, name=f"storm-{mc}",
-                                                       jwt_secret=secret if jwt_run else None)
+                    for attempt in range(2):  # a port taken meanwhile by another process: pick others once
+                        metrics_port = free_port()
+                        try:
+                            front, port = start_platform_front(workdir, mosq_port, platform, acl_source="local",
+                                                               max_concurrency=mc, name=f"storm-{mc}",
+                                                               jwt_secret=secret if jwt_run else None,
+                                                               metrics_port=metrics_port)
+                            break
+                        except RuntimeError as exc:
+                            log(f"storm: {exc}")
+                            if attempt:
+                                raise
                 OVERLAPS.check(f"storm #{r + 1} {name} (before)")
                 try:
-                    res = storm_once(port, front, mosq, platform, tokens if jwt_run else None)
+                    res = storm_once(port, front, mosq, platform, tokens if jwt_run else None, metrics_port)
                 finally:
                     OVERLAPS.check(f"storm #{r + 1} {name} (after)")
                     if front is not None:
@@ -203,7 +237,8 @@ def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str)
                     f"refused {res['refused']} errors {res['errors']} front cpu {res['front_cpu']:.2f}s "
                     f"platform cpu {res['platform_cpu']:.2f}s mosquitto cpu {res['mosquitto_cpu']:.2f}s "
                     f"loadgen cpu {res['loadgen_cpu']} auth requests {res['auth_requests']} "
-                    f"peak in flight {res['auth_peak_in_flight']} listen overflows {res['listen_overflows']}")
+                    f"peak in flight {res['auth_peak_in_flight']} listen overflows {res['listen_overflows']} "
+                    f"auth latency seen by the front {res['auth_latency_ms']:.1f} ms")
                 runs[name].append(res)
     finally:
         platform.stop()
@@ -214,7 +249,7 @@ def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str)
         entry: dict[str, Any] = {
             key: spread([x[key] for x in rs])
             for key in ("seconds", "p50_connack_s", "front_cpu", "platform_cpu", "mosquitto_cpu",
-                        "auth_peak_in_flight", "connected", "listen_overflows")
+                        "auth_peak_in_flight", "connected", "listen_overflows", "auth_latency_ms")
         }
         entry["loadgen_cpu"] = spread([max(x["loadgen_cpu"]) for x in rs])
         entry["bound_s"] = bound
@@ -362,8 +397,10 @@ def cold_once(tag: str, rtt_target: Target, front_port: int, mosq_port: int, sub
 
 
 def run_cold(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, duration: float, rate: float,
-             kind: str) -> dict[str, Any]:
+             kind: str, jitter: float) -> dict[str, Any]:
     platform = PlatformProc.start([LAT_USER, *COLD_USERS], PASSWORD, acl_delay=DELAY, kind=kind)
+    if jitter:
+        platform.set_jitter("acl", jitter)
     front, port = start_platform_front(workdir, mosq_port, platform, acl_source="http", max_concurrency=64,
                                        name="cold")
     front_target = Target(port, username=LAT_USER, password=PASSWORD)
@@ -409,15 +446,15 @@ def report(results: dict[str, Any]) -> str:
     if "storm" in results:
         lines += ["## 1. login storm, 1,000 MQTT 5 clients (s: median [min-max])", "",
                   "| variant | bound | first CONNECT to last CONNACK | ratio | front CPU s | platform CPU s | "
-                  "loadgen CPU s (busiest) | peak in flight | listen overflows |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "loadgen CPU s (busiest) | peak in flight | listen overflows | request latency seen by front ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, e in results["storm"].items():
             bound = f"{e['bound_s']:.3f}" if e["bound_s"] else ""
             ratio = fmt(e["ratio"]) + "x" if "ratio" in e else ""
             peak = e["auth_peak_in_flight"]["median"]
             lines.append(f"| {name} | {bound} | {fmt(e['seconds'], 3)} | {ratio} | {fmt(e['front_cpu'])} | "
                          f"{fmt(e['platform_cpu'])} | {fmt(e['loadgen_cpu'])} | {peak:.0f} | "
-                         f"{fmt(e['listen_overflows'], 0)} |")
+                         f"{fmt(e['listen_overflows'], 0)} | {fmt(e['auth_latency_ms'], 1)} |")
         lines.append("")
     if "relay" in results:
         rel = results["relay"]
@@ -456,6 +493,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="round trips per second")
     parser.add_argument("--platform", choices=["lean", "fake"], default="lean",
                         help="lean: bench.platform_lean (default); fake: tests.support.platform.FakePlatform")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="lean platform: answer after 20 ms +- up to this many seconds (uniform), not exactly")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -465,13 +504,13 @@ def main() -> None:
         mosq, mosq_port = start_mosquitto(workdir)
         try:
             if "storm" in args.scenarios:
-                results["storm"] = run_storm(workdir, mosq, mosq_port, args.repeat, args.platform)
+                results["storm"] = run_storm(workdir, mosq, mosq_port, args.repeat, args.platform, args.jitter)
             if "relay" in args.scenarios:
                 results["relay"] = run_relay(workdir, mosq, mosq_port, args.repeat, args.messages,
                                              args.platform)
             if "cold" in args.scenarios:
                 results["cold"] = run_cold(workdir, mosq, mosq_port, args.repeat, args.duration, args.rate,
-                                           args.platform)
+                                           args.platform, args.jitter)
         finally:
             mosq.stop()
     results["elapsed_s"] = time.monotonic() - t0

@@ -10,14 +10,16 @@ for a fraction of that, so the front broker, not the stand-in, is what the platf
 - ``POST /api/comms/v2/acls`` ``{"username","topic","action"}``: allow for a known username and a topic
   under ``ff/v1/team0/`` (what the benchmarks' project clients use), else deny.
 
-HTTP/1.1 keep-alive with Content-Length bodies only (what httpx sends); each answer is written ``delay``
-seconds after its request arrived. Counts requests and the most in flight at once, per endpoint.
+HTTP/1.1 keep-alive with Content-Length bodies only (what httpx and aiohttp send); each answer is written
+``delay`` seconds (+- ``jitter``, uniform) after its request arrived. Counts requests and the most in flight
+at once, per endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 from typing import Any
 
 ALLOW_AUTH = json.dumps({"result": "allow", "is_superuser": False, "client_attrs": {"team": ""}}).encode()
@@ -26,10 +28,11 @@ DENY = b'{"result":"deny"}'
 
 
 class Endpoint:
-    __slots__ = ("count", "delay", "in_flight", "peak")
+    __slots__ = ("count", "delay", "in_flight", "jitter", "peak")
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
+        self.jitter = 0.0  # each answer after delay +- up to jitter seconds (uniform), when set
         self.count = self.in_flight = self.peak = 0
 
 
@@ -113,8 +116,9 @@ class _Http(asyncio.Protocol):
         endpoint.count += 1
         endpoint.in_flight += 1
         endpoint.peak = max(endpoint.peak, endpoint.in_flight)
-        if endpoint.delay:
-            asyncio.get_running_loop().call_later(endpoint.delay, self._write, endpoint, response)
+        delay = endpoint.delay + (random.uniform(-endpoint.jitter, endpoint.jitter) if endpoint.jitter else 0.0)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._write, endpoint, response)
         else:
             self._write(endpoint, response)
 

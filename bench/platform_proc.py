@@ -67,6 +67,9 @@ async def _serve(conn: Connection, kind: str, usernames: list[str], password: st
         if cmd == "delay":
             endpoints[args[0]].delay = float(args[1])
             conn.send(None)
+        elif cmd == "jitter":  # lean only
+            endpoints[args[0]].jitter = float(args[1])
+            conn.send(None)
         elif cmd == "stats":
             conn.send({f"{name}_{what}": getattr(ep, what) for name, ep in endpoints.items()
                        for what in ("count", "peak", "in_flight")})
@@ -122,6 +125,10 @@ class PlatformProc:
     def set_delay(self, endpoint: str, seconds: float) -> None:
         self._call("delay", endpoint, seconds)
 
+    def set_jitter(self, endpoint: str, seconds: float) -> None:
+        """Answers after delay +- up to ``seconds`` (lean platform only)."""
+        self._call("jitter", endpoint, seconds)
+
     def stats(self) -> dict[str, int]:
         result: dict[str, int] = self._call("stats")
         return result
@@ -143,10 +150,11 @@ class PlatformProc:
 
 def start_platform_front(workdir: Path, upstream_port: int, platform: PlatformProc, *, acl_source: str,
                          max_concurrency: int = 64, cache_ttl: float = 3600.0, name: str = "front",
-                         jwt_secret: str | None = None) -> tuple[Proc, int]:
+                         jwt_secret: str | None = None, metrics_port: int | None = None) -> tuple[Proc, int]:
     """mqtt-front (one worker, tcp listener) authenticating every CONNECT with the platform (emqx style,
     no users file) and with ``acl.source`` ``local`` (FlowFuse preset) or ``http``; returns (process, port).
-    ``jwt_secret`` adds ``auth.jwt`` (HS256): a password that is a JWT is then decided without the platform."""
+    ``jwt_secret`` adds ``auth.jwt`` (HS256): a password that is a JWT is then decided without the platform.
+    ``metrics_port`` turns on /metrics there (the platform client's request latency histogram)."""
     port = free_port()
     config = {
         "listeners": [{"name": "mqtt", "type": "tcp", "bind": f"127.0.0.1:{port}"}],
@@ -167,6 +175,8 @@ def start_platform_front(workdir: Path, upstream_port: int, platform: PlatformPr
         "acl": {"source": acl_source, "preset": "flowfuse"},
         "logging": {"level": "warning"},
     }
+    if metrics_port is not None:
+        config["metrics"] = {"bind": f"127.0.0.1:{metrics_port}"}
     if jwt_secret is not None:
         config["auth"]["jwt"] = {"secret": jwt_secret, "algorithms": ["HS256"]}  # type: ignore[index]
     conf = workdir / f"{name}.yaml"
@@ -174,6 +184,12 @@ def start_platform_front(workdir: Path, upstream_port: int, platform: PlatformPr
     exe = Path(sys.executable).with_name("mqtt-front")
     log = open(workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
     popen = subprocess.Popen([str(exe), "run", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    wait_port(port, timeout=15.0)
+    try:
+        wait_port(port, timeout=15.0)
+    except RuntimeError:
+        popen.kill()
+        popen.wait()
+        tail = (workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"mqtt-front did not start: {tail}") from None
     time.sleep(0.2)
     return Proc(name, popen), port
