@@ -19,8 +19,10 @@ is refused, never half-applied.
 
 Matching reuses the engine's compiled trie (:mod:`acl.index`) and so its semantics: a publish or a
 delivery matches a rule whose filter matches the literal topic (deliveries use the subscribe rules); a
-SUBSCRIBE filter matches an allow rule whose filter covers every topic of it, and a deny rule that shares
-any topic with it (so a deny claim is never bypassed with a wider filter); MQTT's ``$`` rule holds.
+SUBSCRIBE filter matches an allow rule whose filter covers every topic of it, and a deny rule that covers
+every topic of it; MQTT's ``$`` rule holds. A deny claim narrower than the filter (or only overlapping it)
+does not decide the filter, it carves its topics out: every delivery is checked claims first, so such a
+deny claim is never bypassed with a wider filter (docs/acl.md, "Deny rules that carve out").
 
 Placeholders ``${username}`` (the token's identity) and ``${clientid}`` may appear anywhere in a claim
 topic and are bound once per connection. A value that is empty or contains ``/``, ``+``, ``#`` or U+0000
@@ -199,9 +201,12 @@ class Explanation(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ClaimDecision:
+    """As ``acl.engine.Decision``: ``carve_outs`` are the deny claims a granting claim's deliveries skip."""
+
     allowed: bool
     rule: ClaimRule | None
     source: str
+    carve_outs: tuple[ClaimDecision, ...] = ()
 
 
 _DENY, _ALLOW, _NO_MATCH, _INVALID = 0, 1, 2, 3  # claim outcomes; _INVALID denies too
@@ -246,9 +251,11 @@ class ClaimPolicy:
     ``username`` is the identity the token names and ``client_id`` the session's client id; both are
     bound into the rules here, once. With ``exclusive`` (the object form) nothing reaches the fallback.
 
-    Shared subscriptions ``$share/<group>/<filter>``: deny claims apply to ``<filter>``, but claims
-    never grant one: the fallback decides, group policy included (a token must not let its holder
-    join another client's share group and take its messages).
+    Shared subscriptions ``$share/<group>/<filter>``: deny claims apply to ``<filter>`` (one covering it
+    refuses it, narrower ones carve out its deliveries), but claims never grant one: the fallback decides,
+    group policy included (a token must not let its holder join another client's share group and take its
+    messages). A filter the fallback grants keeps the claims' carve-outs too (deliveries ask the claims
+    first); ``explain_subscribe`` then shows the fallback's explanation only.
     """
 
     __slots__ = (
@@ -324,8 +331,10 @@ class ClaimPolicy:
         flevels = filter_levels(topic_filter)
         if flevels is None:
             return _INVALID, NO_RULE
+        # As the engine: only a deny claim covering the whole filter refuses it; narrower ones are
+        # applied per delivery (check_receive asks the claims first, whoever granted the filter).
         allow_id = NO_RULE if shared else self._sub.first_covering_allow(flevels, _NO_VALUES, _KIND)
-        deny_id = self._sub.first_intersecting_deny(flevels, _NO_VALUES, _KIND, allow_id)
+        deny_id = self._sub.first_covering_deny(flevels, _NO_VALUES, _KIND, allow_id)
         if deny_id < allow_id:
             return _DENY, deny_id
         if allow_id != NO_RULE:
@@ -401,6 +410,13 @@ class ClaimPolicy:
 
     def explain_subscribe(self, topic_filter: str) -> Explanation:
         outcome, rule_id = self._subscribe(topic_filter)
+        if outcome == _ALLOW:
+            # Claims never grant a shared filter, so this one is plain and valid.
+            flevels = filter_levels(topic_filter)
+            assert flevels is not None
+            carved = self._sub.intersecting_denies(flevels, _NO_VALUES, _KIND, rule_id)
+            carve_outs = tuple(self._explain(_DENY, i, "") for i in carved)
+            return ClaimDecision(True, self._rules[rule_id], f"jwt acl claim[{rule_id}]", carve_outs)
         if outcome != _NO_MATCH:
             return self._explain(outcome, rule_id, "invalid topic filter")
         explain = getattr(self.fallback, "explain_subscribe", None)

@@ -25,9 +25,16 @@ def _kind_mask(who: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """An answer and the rule that gave it.
+
+    ``carve_outs`` (granted subscriptions only): the deny rules, before the granting rule, that share
+    topics with the filter without covering it; deliveries on their topics are dropped (check_receive).
+    """
+
     allowed: bool
     rule: Rule | None
     source: str
+    carve_outs: tuple[Decision, ...] = ()
 
 
 class AclEngine:
@@ -164,15 +171,20 @@ class ClientAcl:
         flevels = filter_levels(topic_filter)
         if flevels is None:
             return Decision(False, None, "invalid topic filter")
-        # Allowed iff some allow rule covers every topic of the filter and no earlier deny rule shares a
-        # topic with it. Partial allows before it are harmless: they can only grant, never deny.
-        idx = self._sub_index
-        allow_id = idx.first_covering_allow(flevels, self._values, self._kind_bit)
+        # First match over the filter as a whole: granted by the first allow rule covering every topic of
+        # it, unless a deny rule before that one covers it all. Partial allows before it can only grant;
+        # partial denies before it carve their topics out, and check_receive drops those deliveries.
+        idx, values, kind = self._sub_index, self._values, self._kind_bit
+        allow_id = idx.first_covering_allow(flevels, values, kind)
         if allow_id == NO_RULE and not explain:
             return Decision(False, None, "no rule allows every topic of the filter")
-        deny_id = idx.first_intersecting_deny(flevels, self._values, self._kind_bit, allow_id)
+        deny_id = idx.first_covering_deny(flevels, values, kind, allow_id)
         if deny_id < allow_id:
             return self._decision(deny_id)
         if allow_id == NO_RULE:
             return Decision(False, None, "default deny (no rule allows every topic of the filter)")
-        return self._decision(allow_id)
+        granted = self._decision(allow_id)
+        if not explain:
+            return granted
+        carve_outs = tuple(self._decision(i) for i in idx.intersecting_denies(flevels, values, kind, allow_id))
+        return Decision(True, granted.rule, granted.source, carve_outs)

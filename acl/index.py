@@ -221,7 +221,16 @@ class TopicIndex:
 
     def first_covering_allow(self, flevels: Sequence[str], values: Mapping[str, str], kind_bit: int) -> int:
         """Lowest id of an allow rule whose pattern matches every topic the filter matches."""
-        best = NO_RULE
+        return self._first_covering(flevels, values, kind_bit, True, NO_RULE)
+
+    def first_covering_deny(self, flevels: Sequence[str], values: Mapping[str, str], kind_bit: int, bound: int) -> int:
+        """Lowest id below `bound` of a deny rule whose pattern matches every topic of the filter, else `bound`."""
+        return self._first_covering(flevels, values, kind_bit, False, bound)
+
+    def _first_covering(
+        self, flevels: Sequence[str], values: Mapping[str, str], kind_bit: int, allow: bool, bound: int
+    ) -> int:
+        best = bound
         n = len(flevels)
         dollar = _literal_dollar(flevels[0])
         stack = [(self._root, 0)]
@@ -230,19 +239,21 @@ class TopicIndex:
             node, k = pop()
             if node.min_sub >= best:
                 continue
+            if not allow and (node.min_deny_sub >= best or not node.deny_kinds & kind_bit):
+                continue
             first_dollar = dollar and k == 0
             h = node.hash
             if h is not None and not first_dollar:
-                best = self._first_effect(h, best, kind_bit, True)
+                best = self._first_effect(h, best, kind_bit, allow)
             if k == n:
-                best = self._first_effect(node, best, kind_bit, True)
+                best = self._first_effect(node, best, kind_bit, allow)
                 continue
             f = flevels[k]
             if f == "#":
                 # Only a pattern `#` covers a filter `#` (handled above), except at the root where `+/#`
                 # also matches every topic of one or more levels.
                 if k == 0 and node.plus is not None and node.plus.hash is not None:
-                    best = self._first_effect(node.plus.hash, best, kind_bit, True)
+                    best = self._first_effect(node.plus.hash, best, kind_bit, allow)
                 continue
             if f == "+":
                 # Only `+` covers `+`: a literal, prefix or placeholder is a strict subset of it.
@@ -252,49 +263,61 @@ class TopicIndex:
             self._push_level_children(node, f, k, first_dollar, values, push)
         return best
 
-    def first_intersecting_deny(
+    def intersecting_denies(
         self, flevels: Sequence[str], values: Mapping[str, str], kind_bit: int, bound: int
-    ) -> int:
-        """Lowest id below `bound` of a deny rule sharing at least one topic with the filter, else `bound`."""
-        best = bound
+    ) -> list[int]:
+        """Ids below `bound` (ascending) of the deny rules sharing at least one topic with the filter."""
+        found: set[int] = set()
         n = len(flevels)
         dollar = _literal_dollar(flevels[0])
         stack = [(self._root, 0)]
         pop, push = stack.pop, stack.append
         while stack:
             node, k = pop()
-            if node.min_deny_sub >= best or not node.deny_kinds & kind_bit:
+            if node.min_deny_sub >= bound or not node.deny_kinds & kind_bit:
                 continue
             if k < n and flevels[k] == "#":
-                best = self._deny_in_subtree(node, k, values, kind_bit, best)
+                self._denies_in_subtree(node, k, values, kind_bit, bound, found)
                 continue
             first_dollar = dollar and k == 0
             h = node.hash
             if h is not None and not first_dollar:
-                best = self._first_effect(h, best, kind_bit, False)
+                self._collect_denies(h, kind_bit, bound, found)
             if k == n:
-                best = self._first_effect(node, best, kind_bit, False)
+                self._collect_denies(node, kind_bit, bound, found)
                 continue
             f = flevels[k]
             if f == "+":
                 self._push_all_children(node, k, values, push)
             else:
                 self._push_level_children(node, f, k, first_dollar, values, push)
-        return best
+        return sorted(found)
 
-    def _deny_in_subtree(self, start: _Node, k0: int, values: Mapping[str, str], kind_bit: int, best: int) -> int:
+    def _collect_denies(self, node: _Node, kind_bit: int, bound: int, found: set[int]) -> None:
+        ids = node.ids
+        if ids is None:
+            return
+        kinds, allows = self._kinds, self._allow
+        for i in ids:
+            if i >= bound:
+                break
+            if kinds[i] & kind_bit and not allows[i]:
+                found.add(i)
+
+    def _denies_in_subtree(
+        self, start: _Node, k0: int, values: Mapping[str, str], kind_bit: int, bound: int, found: set[int]
+    ) -> None:
         """The filter's remaining levels are `#`: every satisfiable pattern below intersects it."""
         stack = [(start, k0)]
         pop, push = stack.pop, stack.append
         while stack:
             node, k = pop()
-            if node.min_deny_sub >= best or not node.deny_kinds & kind_bit:
+            if node.min_deny_sub >= bound or not node.deny_kinds & kind_bit:
                 continue
-            best = self._first_effect(node, best, kind_bit, False)
+            self._collect_denies(node, kind_bit, bound, found)
             if node.hash is not None:
-                best = self._first_effect(node.hash, best, kind_bit, False)
+                self._collect_denies(node.hash, kind_bit, bound, found)
             self._push_all_children(node, k, values, push)
-        return best
 
     @staticmethod
     def _push_all_children(node: _Node, k: int, values: Mapping[str, str], push: _Push) -> None:

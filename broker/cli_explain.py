@@ -129,6 +129,10 @@ def _local_verdict(acl: Any, question: Question) -> int:
     rule = decision.rule
     detail = f": {rule.effect.value} {rule.action.value} {rule.pattern!r} for {rule.who}" if rule else ""
     print(f"decided by {decision.source}{detail}")
+    for carve in getattr(decision, "carve_outs", ()):  # a granted filter's deny rules, applied per delivery
+        deny = carve.rule
+        print(f"carve-out: deliveries on topics matched by {carve.source} "
+              f"({deny.effect.value} {deny.action.value} {deny.pattern!r} for {deny.who}) are dropped")
     return EXIT_ALLOW if decision.allowed else EXIT_DENY
 
 

@@ -239,12 +239,17 @@ async def test_acl_claim_comes_before_the_other_rules(front: FrontBroker, mosqui
     # Without the token, the same identity (users file) may not publish there: the claim allowed it.
     from_file = await connect_ok(port, PROJECT, v5, client_id=f"{PROJECT}:file")
     assert await from_file.publish(extra_pub, b"no", qos=1) == refused
-    # The subscribe deny holds against the exact filter and against a wider one sharing its topics.
+    # The subscribe deny refuses the exact filter; a wider one is granted (the preset allows it) with the
+    # denied topic carved out: its deliveries are dropped.
     fail = NOT_AUTHORIZED if v5 else 0x80
     assert await client.subscribe(f"ff/v1/team1/p/p2/out/{t}/hidden", qos=1) == [fail]
-    assert await client.subscribe(f"ff/v1/team1/p/+/out/{t}/#", qos=1) == [fail]
-    assert await client.subscribe(f"ff/v1/team1/p/p2/out/{t}/shown", qos=1) == [1]
-    for c in (client, from_file, spy):
+    assert await client.subscribe(f"ff/v1/team1/p/+/out/{t}/#", qos=1) == [1]
+    p2 = await connect_ok(port, "project:team1:p2", v5, client_id=f"project:team1:p2:{t}")
+    assert await p2.publish(f"ff/v1/team1/p/p2/out/{t}/hidden", b"no", qos=1) == 0
+    assert await p2.publish(f"ff/v1/team1/p/p2/out/{t}/shown", b"yes", qos=1) == 0
+    got = await client.until(f"ff/v1/team1/p/p2/out/{t}/shown")
+    assert [s for s in topics(got) if t in s] == [f"ff/v1/team1/p/p2/out/{t}/shown"]
+    for c in (client, from_file, spy, p2):
         await c.close()
 
 

@@ -104,9 +104,16 @@ def test_explain_operator_deny_rule_is_named(capsys: pytest.CaptureFixture[str],
             {"who": "project", "effect": "deny", "action": "subscribe", "pattern": "ff/v1/${team}/c/secret/#"},
         ]},
     }))
-    code, out = explain(capsys, "--user", "project:team1:p1", "--subscribe", "ff/v1/team1/c/#", config=str(config))
+    code, out = explain(capsys, "--user", "project:team1:p1", "--subscribe", "ff/v1/team1/c/secret/#",
+                        config=str(config))
     assert code == 2
     assert "decided by rules[0]: deny subscribe 'ff/v1/${team}/c/secret/#' for project" in out
+    # A wider filter is granted by the preset, with the deny rule's topics carved out of its deliveries.
+    code, out = explain(capsys, "--user", "project:team1:p1", "--subscribe", "ff/v1/team1/c/#", config=str(config))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[2].startswith("decided by preset flowfuse[")
+    assert "carve-out: deliveries on topics matched by rules[0]" in out
     code, out = explain(capsys, "--user", "project:team1:p1", "--subscribe", "ff/v1/team1/c/open/#",
                         config=str(config))
     assert code == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from acl import PRESETS, AclEngine, Action, ClientAcl, Effect, Identity, IdentityKind, Rule, parse_identity
+from acl.engine import Decision
 
 ALLOW, DENY = Effect.ALLOW, Effect.DENY
 PUB, SUB, BOTH = Action.PUBLISH, Action.SUBSCRIBE, Action.BOTH
@@ -125,17 +126,16 @@ def test_first_match_wins_and_deny_overrides_later_allow() -> None:
     d = acl.explain_publish("a/secret")
     assert d == acl.explain_publish("a/secret") and d.source == "rules[0]" and d.rule == rules[0]
     assert acl.explain_publish("a/x").source == "rules[1]"
-    # A filter that includes the denied topic is refused; a disjoint one is fine.
-    assert not acl.check_subscribe("a/#")
-    assert not acl.check_subscribe("a/+")
-    assert acl.check_subscribe("a/x/#")
-    assert acl.explain_subscribe("a/+").source == "rules[0]"
+    # A wider filter is granted: the deny carves its topic out of the deliveries; the topic itself is refused.
+    assert acl.check_subscribe("a/#") and acl.check_subscribe("a/+") and acl.check_subscribe("a/x/#")
+    assert not acl.check_receive("a/secret") and acl.check_receive("a/other")
+    assert not acl.check_subscribe("a/secret")
+    assert acl.explain_subscribe("a/secret").source == "rules[0]"
+    assert acl.explain_subscribe("a/+").carve_outs == (acl.explain_receive("a/secret"),)
 
 
 def test_allow_before_deny_wins() -> None:
-    acl = client(
-        "alice", [Rule("any", ALLOW, BOTH, "a/#"), Rule("any", DENY, BOTH, "a/secret")], preset="none"
-    )
+    acl = client("alice", [Rule("any", ALLOW, BOTH, "a/#"), Rule("any", DENY, BOTH, "a/secret")], preset="none")
     assert acl.check_publish("a/secret") and acl.check_subscribe("a/#")
 
 
@@ -152,7 +152,8 @@ def test_user_rules_checked_before_preset() -> None:
     acl = client(PROJECT, [Rule("project", DENY, BOTH, "ff/v1/${team}/c/private/#")])
     assert not acl.check_publish("ff/v1/team1/c/private/x")
     assert acl.check_publish("ff/v1/team1/c/public")
-    assert not acl.check_subscribe("ff/v1/team1/c/#")
+    assert acl.check_subscribe("ff/v1/team1/c/#") and not acl.check_receive("ff/v1/team1/c/private/x")
+    assert not acl.check_subscribe("ff/v1/team1/c/private/#")
     assert acl.check_subscribe("ff/v1/team1/c/public/#")
     assert acl.explain_publish("ff/v1/team1/c/public").source == "preset flowfuse[8]"
 
@@ -254,11 +255,11 @@ def test_prefix_level_cover() -> None:
     assert acl.check_subscribe("a/res-abcd1234/x")
     assert not acl.check_subscribe("a/+/#")
     assert not acl.check_subscribe("a/res-/x")
-    deny = client(
-        "alice", [Rule("any", DENY, SUB, "a/res-*/x"), Rule("any", ALLOW, SUB, "a/#")], preset="none"
-    )
-    assert not deny.check_subscribe("a/+/x")
-    assert not deny.check_subscribe("a/#")
+    deny = client("alice", [Rule("any", DENY, SUB, "a/res-*/x"), Rule("any", ALLOW, SUB, "a/#")], preset="none")
+    # The deny covers neither filter: both are granted, with its topics carved out.
+    assert deny.check_subscribe("a/+/x") and deny.check_subscribe("a/#")
+    assert not deny.check_receive("a/res-1/x") and deny.check_receive("a/res-/x")
+    assert not deny.check_subscribe("a/res-1/x") and deny.check_subscribe("a/res-1/+")
     assert deny.check_subscribe("a/res/x")
     assert deny.check_subscribe("a/resx/#")
 
@@ -272,6 +273,152 @@ def test_cache_bounded_and_disableable() -> None:
     nocache = eng.for_client(parse_identity(PROJECT), "c", cache_size=0)
     assert nocache.check_receive("ff/v1/team1/p/x/out/t")
     assert not nocache._recv_cache
+
+
+# -- deny rules that carve out (docs/acl.md) ----------------------------------------------------------
+
+
+def carved(acl: ClientAcl, topic_filter: str) -> list[str] | None:
+    """The sources of a granted filter's carve-outs; None when the filter is refused."""
+    d = acl.explain_subscribe(topic_filter)
+    assert d.allowed is acl.check_subscribe(topic_filter), topic_filter
+    return [c.source for c in d.carve_outs] if d.allowed else None
+
+
+PAHO = [Rule("any", DENY, SUB, "test/nosubscribe"), Rule("any", ALLOW, BOTH, "#")]
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "carve_outs"),
+    [
+        ("#", ["rules[0]"]),
+        ("+/+", ["rules[0]"]),
+        ("test/+", ["rules[0]"]),
+        ("test/#", ["rules[0]"]),
+        ("+/nosubscribe", ["rules[0]"]),
+        ("$share/g/#", ["rules[0]"]),
+        ("$share/g/+/+", ["rules[0]"]),
+        ("test/other", []),
+        ("+", []),
+        ("test/nosubscribe/#", ["rules[0]"]),  # `#` matches the parent level too
+        ("test/nosubscribe/+", []),
+        ("test/nosubscribe", None),
+        ("$share/g/test/nosubscribe", None),
+        ("$SYS/#", None),
+    ],
+)
+def test_paho_nosubscribe(topic_filter: str, carve_outs: list[str] | None) -> None:
+    acl = client("alice", PAHO, preset="none")
+    assert carved(acl, topic_filter) == carve_outs
+
+
+def test_paho_nosubscribe_deliveries_and_explain() -> None:
+    acl = client("alice", PAHO, preset="none")
+    assert not acl.check_receive("test/nosubscribe")
+    assert acl.check_receive("test/other") and acl.check_receive("test/nosubscribe/x")
+    assert acl.check_publish("test/nosubscribe")  # a subscribe-only deny
+    granted = acl.explain_subscribe("#")
+    assert (granted.allowed, granted.rule, granted.source) == (True, PAHO[1], "rules[1]")
+    assert granted.carve_outs == (Decision(False, PAHO[0], "rules[0]"),)
+    refused = acl.explain_subscribe("test/nosubscribe")
+    assert (refused.allowed, refused.rule, refused.source, refused.carve_outs) == (False, PAHO[0], "rules[0]", ())
+
+
+@pytest.mark.parametrize("deny_first", [True, False])
+def test_flowfuse_allow_foo_bar_deny_ben(deny_first: bool) -> None:
+    allow, deny = Rule("any", ALLOW, BOTH, "foo/bar/#"), Rule("any", DENY, BOTH, "foo/bar/ben")
+    acl = client("alice", [deny, allow] if deny_first else [allow, deny], preset="none")
+    assert acl.check_receive("foo/bar/bob") and acl.check_receive("foo/bar/ben/x")
+    if deny_first:
+        assert carved(acl, "foo/bar/#") == carved(acl, "foo/bar/+") == ["rules[0]"]
+        assert carved(acl, "+/+/ben") is None  # no allow rule covers it
+        assert carved(acl, "foo/bar/ben") is None
+        assert not acl.check_receive("foo/bar/ben") and not acl.check_publish("foo/bar/ben")
+    else:
+        # First match: the allow covers every topic of these filters, so the later deny never decides.
+        assert carved(acl, "foo/bar/#") == carved(acl, "foo/bar/ben") == []
+        assert acl.check_receive("foo/bar/ben")
+
+
+@pytest.mark.parametrize(
+    ("deny", "topic_filter", "carve_outs"),
+    [
+        ("a/#", "a/#", None),  # covered: refused
+        ("a/#", "a", None),
+        ("a/#", "a/b/+", None),
+        ("a/#", "#", ["rules[0]"]),
+        ("a/#", "+/b", ["rules[0]"]),
+        ("a/+", "a/x", None),
+        ("a/+", "a/+", None),
+        ("a/+", "a/#", ["rules[0]"]),  # `a` and `a/x/y` stay deliverable
+        ("a/+/c", "a/b/#", ["rules[0]"]),  # overlapping, neither covers the other
+        ("a/+/c", "a/+/+", ["rules[0]"]),
+        ("a/+/c", "a/b/d", []),
+        ("+/#", "#", None),  # `+/#` covers `#`
+        ("$SYS/#", "#", []),  # `#` never matches `$` topics
+    ],
+)
+def test_deny_covering_the_filter_refuses_a_narrower_one_carves_out(
+    deny: str, topic_filter: str, carve_outs: list[str] | None
+) -> None:
+    acl = client("alice", [Rule("any", DENY, SUB, deny), Rule("any", ALLOW, SUB, "#")], preset="none")
+    assert carved(acl, topic_filter) == carve_outs
+
+
+def test_overlapping_deny_drops_only_its_topics() -> None:
+    acl = client("alice", [Rule("any", DENY, SUB, "a/+/c"), Rule("any", ALLOW, SUB, "#")], preset="none")
+    assert acl.check_subscribe("a/b/#")
+    assert not acl.check_receive("a/b/c")
+    assert acl.check_receive("a/b") and acl.check_receive("a/b/d") and acl.check_receive("a/b/c/d")
+
+
+def test_carve_outs_list_every_earlier_deny_and_only_those() -> None:
+    rules = [
+        Rule("any", DENY, SUB, "a/x"),
+        Rule("device", DENY, SUB, "a/y"),  # not this client's kind
+        Rule("any", DENY, PUB, "a/z"),  # publish only
+        Rule("any", ALLOW, SUB, "a/p"),  # a partial allow before the covering one: grants a/p only
+        Rule("any", DENY, SUB, "a/+/w"),
+        Rule("any", ALLOW, SUB, "a/#"),
+        Rule("any", DENY, SUB, "a/v"),  # after the covering allow: never applies
+    ]
+    acl = client("alice", rules, preset="none")
+    assert carved(acl, "a/#") == ["rules[0]", "rules[4]"]
+    assert carved(acl, "a/+") == ["rules[0]"]
+    assert acl.check_receive("a/y") and acl.check_receive("a/z") and acl.check_receive("a/v")
+    assert not acl.check_receive("a/x") and not acl.check_receive("a/q/w")
+    assert carved(acl, "a/p") == []
+    # No allow covers the filter: refused whatever the denies are.
+    assert acl.explain_subscribe("+/x").source == "default deny (no rule allows every topic of the filter)"
+
+
+SECRET = Rule("project", DENY, SUB, "ff/v1/${team}/c/secret/#")
+
+
+def test_placeholder_deny_carves_out_of_the_flowfuse_preset() -> None:
+    acl = client(PROJECT, [SECRET])
+    assert carved(acl, "ff/v1/team1/c/#") == ["rules[0]"]
+    assert carved(acl, "ff/v1/team1/c/+/x") == ["rules[0]"]
+    assert carved(acl, "$share/p1/ff/v1/team1/c/#") == ["rules[0]"]
+    assert carved(acl, "ff/v1/team1/c/open/#") == []
+    for refused in ("ff/v1/team1/c/secret/#", "ff/v1/team1/c/secret", "$share/p1/ff/v1/team1/c/secret/+"):
+        assert carved(acl, refused) is None, refused
+    assert not acl.check_receive("ff/v1/team1/c/secret") and not acl.check_receive("ff/v1/team1/c/secret/x")
+    assert acl.check_receive("ff/v1/team1/c/open") and acl.check_publish("ff/v1/team1/c/secret/x")
+    # The carve-out never widens anything: other teams stay refused, and team2's deny is its own secret.
+    assert carved(acl, "ff/v1/team2/c/#") is None and carved(acl, "ff/v1/+/c/#") is None
+    other = client("project:team2:p3", [SECRET])
+    assert not other.check_receive("ff/v1/team2/c/secret/x") and other.check_subscribe("ff/v1/team2/c/#")
+    # Other kinds are not concerned by a project-only deny.
+    assert carved(client("alice@team1", [SECRET]), "ff/v1/team1/c/#") == []
+
+
+def test_placeholder_deny_without_a_value_does_not_apply() -> None:
+    rules = [Rule("any", DENY, SUB, "x/${project}/#"), Rule("any", ALLOW, SUB, "x/#")]
+    assert carved(client("device:team1:d1", rules, preset="none"), "x/#") == []
+    project = client(PROJECT, rules, preset="none")
+    assert carved(project, "x/#") == ["rules[0]"] and carved(project, "x/p1/+") is None
+    assert not project.check_receive("x/p1") and project.check_receive("x/p2")
 
 
 # -- flowfuse preset ---------------------------------------------------------------------------------

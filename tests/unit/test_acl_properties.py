@@ -1,4 +1,4 @@
-"""Property tests: team isolation, subscribe soundness, and the trie against brute-force references."""
+"""Property tests: team isolation, carve-outs, subscribe soundness, and the trie against brute-force references."""
 
 from __future__ import annotations
 
@@ -116,10 +116,23 @@ def can_touch_foreign_team(topic_filter: str, team: str | None) -> bool:
     return False
 
 
+def as_deny(rule: Rule) -> Rule:
+    return Rule(rule.who, Effect.DENY, rule.action, rule.pattern, rule.retain)
+
+
+@st.composite
+def with_denies(draw: st.DrawFn, rule_list: list[Rule]) -> list[Rule]:
+    """`rule_list` with deny rules of any shape (not team-scoped) inserted anywhere."""
+    out = list(rule_list)
+    for deny in draw(st.lists(rules(team_scoped=False).map(as_deny), max_size=4)):
+        out.insert(draw(st.integers(0, len(out))), deny)
+    return out
+
+
 @SETTINGS
 @given(
     team_identities(),
-    st.lists(rules(team_scoped=True), max_size=6),
+    st.lists(rules(team_scoped=True), max_size=6).flatmap(with_denies),
     st.sampled_from(TEAMS),
     st.lists(levels_st, min_size=0, max_size=5),
     filters(),
@@ -133,6 +146,7 @@ def test_team_isolation(
     topic_filter: str,
     retain: bool,
 ) -> None:
+    """Team-scoped rules and any deny rules on top of the preset: team X never reads or writes team Y."""
     identity, client_id = ident
     acl = AclEngine(extra, preset="flowfuse").for_client(identity, client_id, cache_size=0)
     team = identity.team
@@ -179,30 +193,6 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
         else:
             rx += sep + re.escape(part)
     return re.fullmatch(rx, topic, re.DOTALL) is not None
-
-
-@SETTINGS
-@given(
-    st.lists(rules(team_scoped=False), max_size=8),
-    st.sampled_from(["flowfuse", "none"]),
-    team_identities(),
-    filters(),
-    st.lists(levels_st, max_size=6),
-    st.lists(levels_st, max_size=3),
-)
-def test_subscribe_implies_receive(
-    rule_list: list[Rule],
-    preset: str,
-    ident: tuple[Identity, str],
-    topic_filter: str,
-    fill: list[str],
-    tail: list[str],
-) -> None:
-    identity, client_id = ident
-    acl = AclEngine(rule_list, preset=preset).for_client(identity, client_id, cache_size=0)
-    topic = sample_topic(topic_filter, fill, tail)
-    if acl.check_subscribe(topic_filter) and filter_matches(topic_filter, topic):
-        assert acl.check_receive(topic), (topic_filter, topic)
 
 
 @st.composite
@@ -348,16 +338,18 @@ def expand(
     return [level_set(lv, i, reps, values) for i, lv in enumerate(levels)]
 
 
-def linear_subscribe(
+def linear_subscribe_detail(
     rule_list: list[Rule], identity: Identity, values: dict[str, str], topic_filter: str
-) -> bool:
+) -> tuple[bool, list[int]]:
+    """First match over the filter: (granted, indices of the earlier deny rules it carves out)."""
     if not topic_filter:  # an empty filter is invalid in MQTT
-        return False
+        return False, []
     flevels = topic_filter.split("/")
     reps = universe(rule_list, values, flevels)
     max_len = max([len(flevels), *(len(parse_pattern(r.pattern)) for r in rule_list)]) + 1
     fsets = {n: expand(flevels, n, reps, values) for n in range(1, max_len + 1)}
-    for rule in rule_list:
+    carve_outs: list[int] = []
+    for i, rule in enumerate(rule_list):
         if not applies(rule, identity) or not rule.subscribes:
             continue
         plevels = list(parse_pattern(rule.pattern))
@@ -370,11 +362,15 @@ def linear_subscribe(
                 intersects = True
             if ps is None or not all(a <= b for a, b in zip(fs, ps, strict=True)):
                 covers = False
+        if covers:
+            return (True, carve_outs) if rule.allows else (False, [])
         if not rule.allows and intersects:
-            return False
-        if rule.allows and covers:
-            return True
-    return False
+            carve_outs.append(i)
+    return False, []
+
+
+def linear_subscribe(rule_list: list[Rule], identity: Identity, values: dict[str, str], topic_filter: str) -> bool:
+    return linear_subscribe_detail(rule_list, identity, values, topic_filter)[0]
 
 
 @SLOW_SETTINGS
@@ -400,21 +396,23 @@ def test_trie_equals_linear_first_match(
     values = placeholder_values(identity, client_id)
     everything = list(engine.rules)
     readable = [r for r in everything if applies(r, identity) and r.subscribes and r.allows]
+    denies = [r for r in everything if applies(r, identity) and r.subscribes and not r.allows]
     topic_filters += [data.draw(derived_filters(readable, values)) for _ in range(4)]
+    topic_filters += [data.draw(derived_filters(denies, values)) for _ in range(2)]
     topics += [
         (sample_topic(f, data.draw(st.lists(levels_st, max_size=6)), ["a"]), data.draw(st.booleans()))
         for f in topic_filters
     ]
     topics += [(data.draw(derived_topics(everything, values)), data.draw(st.booleans())) for _ in range(4)]
     for topic, retain in topics:
-        assert acl.check_publish(topic, retain) is linear_topic(
-            everything, identity, values, topic, True, retain
-        )
+        assert acl.check_publish(topic, retain) is linear_topic(everything, identity, values, topic, True, retain)
         assert acl.check_receive(topic) is linear_topic(everything, identity, values, topic, False, False)
     for topic_filter in topic_filters:
-        expected = linear_subscribe(everything, identity, values, topic_filter)
+        expected, carve_outs = linear_subscribe_detail(everything, identity, values, topic_filter)
         assert acl.check_subscribe(topic_filter) is expected, topic_filter
-        assert acl.explain_subscribe(topic_filter).allowed is expected
+        decision = acl.explain_subscribe(topic_filter)
+        assert decision.allowed is expected
+        assert [engine.sources.index(c.source) for c in decision.carve_outs] == carve_outs, topic_filter
 
 
 def test_reference_self_check() -> None:
@@ -429,3 +427,127 @@ def test_reference_self_check() -> None:
         ("ff/v1/team1/p/p1/+/#", False),
     ]:
         assert linear_subscribe(preset_rules, ident, values, topic_filter) is expected
+    paho = [Rule("any", Effect.DENY, Action.SUBSCRIBE, "test/nosubscribe"), Rule("any", Effect.ALLOW, Action.BOTH, "#")]
+    for topic_filter, detail in [
+        ("#", (True, [0])),
+        ("+/+", (True, [0])),
+        ("test/nosubscribe", (False, [])),
+        ("test/x", (True, [])),
+        ("test/nosubscribe/+", (True, [])),
+    ]:
+        assert linear_subscribe_detail(paho, ident, values, topic_filter) == detail, topic_filter
+
+
+# -- carve-outs: what a granted filter delivers ---------------------------------------------------------
+
+
+@st.composite
+def narrower(draw: st.DrawFn, pattern: str, values: dict[str, str] | None) -> str:
+    """A filter (`values` given: placeholders bound) or a pattern inside `pattern`, often strictly narrower."""
+    wild = ["+", "#"] if values is not None else ["+", "#", "res-*", "${team}", "${project}"]
+    out: list[str] = []
+    for lv in parse_pattern(pattern):
+        if lv.kind is LevelKind.LITERAL:
+            out.append(lv.text)
+        elif lv.kind is LevelKind.PLUS:
+            # Kept often: a wildcard filter is where a narrower deny can carve out.
+            out.append(draw(st.sampled_from([*LEVELS, *["+"] * 12, *wild[2:]])))
+        elif lv.kind is LevelKind.PREFIX:
+            out.append(draw(st.sampled_from([lv.text + "x", lv.text + "ab12"] + ([] if values else [lv.text + "*"]))))
+        elif lv.kind is LevelKind.PLACEHOLDER:
+            out.append((values.get(lv.text) or "v") if values is not None else "${" + lv.text + "}")
+        else:
+            out += draw(st.lists(st.sampled_from([*LEVELS[:8], "+", "+", "+", *wild[2:]]), max_size=3))
+            if draw(st.booleans()) or not out:
+                out.append("#")
+    return "/".join(out) or "+"  # an empty filter is invalid: `+` is inside any pattern `+` too
+
+
+@st.composite
+def overlapping(draw: st.DrawFn, topic_filter: str) -> str:
+    """A pattern sharing topics with the filter without either covering the other, often."""
+    parts = topic_filter.split("/")
+    literal = [i for i, part in enumerate(parts) if part not in ("+", "#")]
+    if literal:
+        parts[draw(st.sampled_from(literal))] = "+"
+    return draw(narrower("/".join(parts), None))
+
+
+@st.composite
+def truncated(draw: st.DrawFn, topic_filter: str) -> str:
+    """A deny ending in `#` before the filter does, with a literal where the filter has `+` (`a/b/#` for `a/+/c`):
+    it shares topics with the filter through its `#` without covering it."""
+    parts = topic_filter.split("/")
+    last = len(parts) - (2 if parts[-1] == "#" else 1)  # a `+` before this level has a real level after it
+    plus = [i for i, part in enumerate(parts[:last]) if part == "+"]
+    if not plus:
+        return draw(narrower(topic_filter, None))
+    i = draw(st.sampled_from(plus))
+    return "/".join([*parts[:i], draw(levels_st), "#"])
+
+
+@st.composite
+def carve_cases(draw: st.DrawFn, kind: str, values: dict[str, str]) -> tuple[list[Rule], str]:
+    """A wide allow, deny rules narrower than, overlapping or covering a filter it covers (mostly before it,
+    some after), and random rules: the shapes where carve-outs happen."""
+    wide = draw(rules(team_scoped=False))
+    who = draw(st.sampled_from(["any", kind]))
+    pattern = wide.pattern if wide.pattern.endswith("#") or draw(st.integers(0, 3)) == 0 else wide.pattern + "/#"
+    wide = Rule(who, Effect.ALLOW, draw(st.sampled_from([Action.SUBSCRIBE, Action.BOTH])), pattern)
+    topic_filter = draw(narrower(wide.pattern, values))
+    out = draw(st.lists(rules(team_scoped=False), max_size=3))
+    for _ in range(draw(st.integers(1, 4))):
+        pattern = draw(
+            st.one_of(
+                narrower(topic_filter, None),
+                truncated(topic_filter),
+                overlapping(topic_filter),
+                narrower(wide.pattern, None),  # sometimes covers the filter
+                rules(team_scoped=False).map(lambda r: r.pattern),
+            )
+        )
+        action = draw(st.sampled_from([Action.SUBSCRIBE, Action.BOTH, Action.PUBLISH]))
+        deny = Rule(draw(st.sampled_from(["any", kind, kind, "device"])), Effect.DENY, action, pattern)
+        out.insert(draw(st.integers(0, len(out))), deny)
+    out.insert(len(out) - draw(st.integers(0, 1)) if out else 0, wide)
+    return out, topic_filter
+
+
+@SETTINGS
+@given(team_identities(), st.sampled_from(["flowfuse", "none"]), st.data())
+def test_a_granted_filter_delivers_by_first_match_on_the_topic(
+    ident: tuple[Identity, str], preset: str, data: st.DataObject
+) -> None:
+    """(2) a carved-out topic is never delivered; (3) nothing is delivered that no allow rule allows."""
+    identity, client_id = ident
+    values = placeholder_values(identity, client_id)
+    rule_list, topic_filter = data.draw(carve_cases(identity.kind.value, values))
+    engine = AclEngine(rule_list, preset=preset)
+    acl = engine.for_client(identity, client_id, cache_size=0)
+    everything = list(engine.rules)
+    granted, expected = linear_subscribe_detail(everything, identity, values, topic_filter)
+    decision = acl.explain_subscribe(topic_filter)
+    assert acl.check_subscribe(topic_filter) is granted is decision.allowed, topic_filter
+    assert [engine.sources.index(c.source) for c in decision.carve_outs] == expected, topic_filter
+    if not granted:
+        return
+    carve_outs = [c.rule for c in decision.carve_outs if c.rule is not None]
+    fill, tail = st.lists(levels_st, max_size=6), st.lists(levels_st, max_size=3)
+    samples = [sample_topic(topic_filter, data.draw(fill), data.draw(tail)) for _ in range(2)]
+    denies = carve_outs or [r for r in rule_list if not r.allows]  # topics inside them hit the carve-outs
+    for topic in samples + [data.draw(derived_topics(denies, values)) for _ in range(3)]:
+        if not filter_matches(topic_filter, topic):
+            continue
+        readers = [
+            r
+            for r in everything
+            if applies(r, identity) and r.subscribes and (rx := pattern_regex(r, values)) and rx.fullmatch(topic)
+        ]
+        delivered = acl.check_receive(topic)
+        # The session delivers iff check_receive: exactly first match on the concrete topic.
+        assert delivered is linear_topic(everything, identity, values, topic, False, False), (topic_filter, topic)
+        if delivered:
+            assert any(r.allows for r in readers), (topic_filter, topic)
+        else:
+            # The filter's covering allow matches the topic, so an earlier deny did: one of the carve-outs.
+            assert readers and not readers[0].allows and readers[0] in carve_outs, (topic_filter, topic)
