@@ -9,7 +9,7 @@ against the bound ``requests x delay / max_concurrency`` and this process's CPU 
 
 - ``PlatformClient (as built)``: ``broker.auth.platform.PlatformClient.authenticate``, exactly what a
   CONNECT costs the front on the platform side, with whatever HTTP library it is built on (httpx until
-  commit f2dba43, aiohttp since), behind its semaphore of max_concurrency;
+  commit f2dba43, aiohttp until the h11 client of broker/auth/http_client.py), bounded by max_concurrency;
 - bare httpx: one ``httpx.AsyncClient`` with ``max_connections`` = max_concurrency (no semaphore), and the
   same split over 8 clients of max_concurrency/8 connections each (the pool's work grows with its size);
 - ``aiohttp``: one ``aiohttp.ClientSession`` with ``TCPConnector(limit=max_concurrency)``, the same

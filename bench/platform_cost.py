@@ -196,18 +196,20 @@ def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str,
         platform.set_jitter("auth", jitter)
     secret = "bench-" + "s" * 40
     tokens = jwt_tokens(secret)
-    variants: list[tuple[str, int | None, float]] = [
-        ("direct Mosquitto (no auth)", None, 0.0),
-        ("JWT HS256, no platform request", 64, -1.0),
-        ("platform 0 ms, max_concurrency 64", 64, 0.0),
-        ("platform 20 ms, max_concurrency 16", 16, DELAY),
-        ("platform 20 ms, max_concurrency 64", 64, DELAY),
-        ("platform 20 ms, max_concurrency 256", 256, DELAY),
+    variants: list[tuple[str, int | None, float, int]] = [
+        ("direct Mosquitto (no auth)", None, 0.0, 1),
+        ("JWT HS256, no platform request", 64, -1.0, 1),
+        ("platform 0 ms, max_concurrency 64", 64, 0.0, 1),
+        ("platform 20 ms, max_concurrency 16", 16, DELAY, 1),
+        ("platform 20 ms, max_concurrency 64", 64, DELAY, 1),
+        ("platform 20 ms, max_concurrency 256", 256, DELAY, 1),
+        # Two workers share max_concurrency (32 each): the same bound, on both cores.
+        ("platform 20 ms, max_concurrency 64, --workers 2", 64, DELAY, 2),
     ]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in variants}
     try:
         for r in range(repeat):
-            for name, mc, delay in variants:
+            for name, mc, delay, workers in variants:
                 front = None
                 port = mosq_port
                 metrics_port = None
@@ -220,7 +222,7 @@ def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str,
                             front, port = start_platform_front(workdir, mosq_port, platform, acl_source="local",
                                                                max_concurrency=mc, name=f"storm-{mc}",
                                                                jwt_secret=secret if jwt_run else None,
-                                                               metrics_port=metrics_port)
+                                                               metrics_port=metrics_port, workers=workers)
                             break
                         except RuntimeError as exc:
                             log(f"storm: {exc}")
@@ -243,7 +245,7 @@ def run_storm(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, kind: str,
     finally:
         platform.stop()
     out: dict[str, Any] = {}
-    for name, mc, delay in variants:
+    for name, mc, delay, _ in variants:
         rs = runs[name]
         bound = len(STORM_USERS) * delay / mc if mc and delay > 0 else None
         entry: dict[str, Any] = {

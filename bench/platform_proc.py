@@ -150,11 +150,13 @@ class PlatformProc:
 
 def start_platform_front(workdir: Path, upstream_port: int, platform: PlatformProc, *, acl_source: str,
                          max_concurrency: int = 64, cache_ttl: float = 3600.0, name: str = "front",
-                         jwt_secret: str | None = None, metrics_port: int | None = None) -> tuple[Proc, int]:
+                         jwt_secret: str | None = None, metrics_port: int | None = None,
+                         workers: int = 1) -> tuple[Proc, int]:
     """mqtt-front (one worker, tcp listener) authenticating every CONNECT with the platform (emqx style,
     no users file) and with ``acl.source`` ``local`` (FlowFuse preset) or ``http``; returns (process, port).
     ``jwt_secret`` adds ``auth.jwt`` (HS256): a password that is a JWT is then decided without the platform.
-    ``metrics_port`` turns on /metrics there (the platform client's request latency histogram)."""
+    ``metrics_port`` turns on /metrics there (the platform client's request latency histogram).
+    ``workers`` > 1 runs that many worker processes (``--workers``), sharing ``max_concurrency``."""
     port = free_port()
     config = {
         "listeners": [{"name": "mqtt", "type": "tcp", "bind": f"127.0.0.1:{port}"}],
@@ -183,7 +185,8 @@ def start_platform_front(workdir: Path, upstream_port: int, platform: PlatformPr
     conf.write_text(yaml.safe_dump(config))
     exe = Path(sys.executable).with_name("mqtt-front")
     log = open(workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-    popen = subprocess.Popen([str(exe), "run", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    popen = subprocess.Popen([str(exe), "run", "-c", str(conf), "--workers", str(workers)], stdout=log,
+                             stderr=subprocess.STDOUT)
     try:
         wait_port(port, timeout=15.0)
     except RuntimeError:

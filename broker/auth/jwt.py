@@ -245,7 +245,7 @@ def _jwks_keys(where: str, path: Path, algorithms: tuple[str, ...]) -> list[_Key
         raise ConfigError(f"{where}: {path} is not JSON: {exc}") from None
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list):
-        raise ConfigError(f"{where}: {path} is not a JWKS document (an object with a \"keys\" list)")
+        raise ConfigError(f'{where}: {path} is not a JWKS document (an object with a "keys" list)')
     keys: list[_Key] = []
     for n, data in enumerate(entries):
         if not isinstance(data, dict):

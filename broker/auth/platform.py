@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import logging
 import os
@@ -40,10 +41,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
-from multidict import CIMultiDict
-
 from broker import __version__
+from broker.auth.http_client import HttpClient, HttpError, Response, SlotTimeout, Target
 from broker.config import ConfigError, HttpAuthConfig
 from broker.logs import log_event
 
@@ -56,9 +55,6 @@ RESULTS: Final = ("allow", "deny", "error", "timeout")
 # a zone in tens, a struggling one in seconds (the default timeout is 5 s).
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_CACHE_ENTRIES: Final = 100_000
-# Below Node.js's default server keepAliveTimeout (5 s): a pooled connection is dropped before the platform
-# closes it, so a request is never written into a connection the server is closing (it would not be retried).
-KEEPALIVE_EXPIRY: Final = 4.0
 LOG_INTERVAL: Final = 1.0
 
 _GO_AUTH_ACC: Final = {"publish": 2, "subscribe": 4, "deliver": 1}
@@ -181,13 +177,14 @@ class PlatformClient:
         self._go_auth = config.style == "go-auth"
         self._max_entries = max(1, max_cache_entries)
         self._clock = clock
-        self._client: aiohttp.ClientSession | None = None
-        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._client: HttpClient | None = None
+        self._targets = {"auth": Target.parse(config.auth_url)}
+        if config.acl_url:
+            self._targets["acl"] = Target.parse(config.acl_url)
         # Insertion-ordered: the first entry is the oldest (evicted first when full).
         self._cache: dict[CacheKey, tuple[float, bool]] = {}
         self._by_user: dict[str, set[CacheKey]] = {}
-        self._pending: dict[CacheKey, asyncio.Task[bool]] = {}  # the request a miss of this key waits for
-        self._tasks: set[asyncio.Task[bool]] = set()  # every ACL request running (forget() detaches some)
+        self._pending: dict[CacheKey, asyncio.Future[bool]] = {}  # the answer a miss of this key waits for
         self._urls = {"auth": redact_url(config.auth_url), "acl": redact_url(config.acl_url or "")}
         self._last_log = -LOG_INTERVAL
         self._suppressed = 0  # platform_error lines left out since the last one
@@ -199,31 +196,34 @@ class PlatformClient:
         if self._client is not None:
             return
         cfg = self.config
-        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json", "Accept": "application/json"})
-        headers["User-Agent"] = f"mqtt-front/{__version__}"
-        headers.update(resolve_headers(cfg.headers))  # case-insensitive: a configured header replaces a default
-        connector = aiohttp.TCPConnector(
-            limit=cfg.max_concurrency, keepalive_timeout=KEEPALIVE_EXPIRY, ssl=ssl_context(cfg.ca_file)
-        )
-        # trust_env=False: no proxy or CA bundle from the environment; the config says where and whom to trust.
-        # aiohttp rather than httpx: httpcore's pool costs CPU that grows with the requests in flight (a
-        # 1,000-client login storm at max_concurrency 64 took 5 s of CPU with it; see docs/benchmarks.md).
-        self._client = aiohttp.ClientSession(
-            headers=headers,
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=cfg.timeout),
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("Accept-Encoding",),
-        )
+        defaults = {
+            "content-type": "application/json",
+            "accept": "application/json",
+            "user-agent": f"mqtt-front/{__version__}",
+        }
+        configured = resolve_headers(cfg.headers)
+        names = {name.lower() for name in configured}  # a configured header replaces a default, any case
+        headers = [(k, v) for k, v in defaults.items() if k not in names] + list(configured.items())
+        needs_tls = cfg.ca_file is not None or any(t.origin[0] == "https" for t in self._targets.values())
+        # No proxy or CA bundle from the environment: the config says where and whom to trust.
+        try:
+            self._client = HttpClient(
+                max_in_flight=cfg.max_concurrency,
+                timeout=cfg.timeout,
+                ssl_context=ssl_context(cfg.ca_file) if needs_tls else None,
+                headers=headers,
+                meter=self.stats,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"auth.http.headers: {exc}") from None
 
     async def close(self) -> None:
-        """Cancel the ACL requests in flight and close the pool. Later questions are refused ("error")."""
-        pending = list(self._tasks)
+        """Refuse the ACL checks waiting for an answer and close the pool. Later questions are refused ("error")."""
+        pending = list(self._pending.values())
         self._pending.clear()
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        for shared in pending:
+            if not shared.done():
+                shared.set_result(False)
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -245,7 +245,7 @@ class PlatformClient:
             return PlatformVerdict(False, "deny")
         body: dict[str, object] = {"username": username or "", "password": secret}
         body["clientid" if self._go_auth else "clientId"] = client_id
-        answer = await self._request("auth", self.config.auth_url, body)
+        answer = await self._request("auth", body)
         if answer.result != "allow":
             return PlatformVerdict(False, answer.result)
         if self._go_auth:
@@ -306,21 +306,12 @@ class PlatformClient:
             stats.cache_hits += 1
             return decision
         stats.cache_misses += 1
-        task = self._pending.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._ask(key, username, client_id, action, topic))
-            self._pending[key] = task
-            self._tasks.add(task)
-            task.add_done_callback(lambda done: self._settled(key, done))
+        shared = self._pending.get(key)
+        if shared is None:
+            shared = self._ask(key, username, client_id, action, topic)
         else:
             stats.coalesced += 1
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and not (current is not None and current.cancelling()):
-                return False  # close() ended the shared request, not our caller: refuse
-            raise
+        return await asyncio.shield(shared)  # a caller cancelled leaves the shared answer to the others
 
     def forget(self, username: str) -> None:
         """Drop every cached decision of this identity; a request in flight for it is answered but not cached."""
@@ -362,60 +353,67 @@ class PlatformClient:
             if not keys:
                 del self._by_user[key[0]]
 
-    def _settled(self, key: CacheKey, task: asyncio.Task[bool]) -> None:
-        self._tasks.discard(task)
-        if self._pending.get(key) is task:
-            del self._pending[key]
-
-    async def _ask(self, key: CacheKey, username: str | None, client_id: str, action: str, topic: str) -> bool:
+    def _ask(
+        self, key: CacheKey, username: str | None, client_id: str, action: str, topic: str
+    ) -> asyncio.Future[bool]:
+        """Send the ACL request for ``key``; the future every waiter of this key shares. Callbacks, no task:
+        a cold delivery check is on the hot path of a busy subscriber."""
+        shared: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending[key] = shared
         body: dict[str, object]
         if self._go_auth:
             body = {"username": username or "", "clientid": client_id, "topic": topic, "acc": _GO_AUTH_ACC[action]}
         else:
             body = {"username": username or "", "topic": topic, "action": _EMQX_ACTION[action]}
-        answer = await self._request("acl", self.config.acl_url or "", body)
+        client, target = self._client, self._targets.get("acl")
+        if client is None or target is None:
+            self._failed("acl", "error", "not started" if client is None else "no acl_url")
+            self._acl_answered(key, shared, _Answer("error"))
+            return shared
+        posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"))
+        posted.add_done_callback(lambda done: self._acl_answered(key, shared, self._outcome("acl", done)))
+        return shared
+
+    def _acl_answered(self, key: CacheKey, shared: asyncio.Future[bool], answer: _Answer) -> None:
+        self.stats.requests[("acl", answer.result)] += 1
         decision = answer.result == "allow"
-        # Not cached when forget() ran meanwhile (the task is no longer the pending one) or on error/timeout.
-        if answer.result in ("allow", "deny") and self._pending.get(key) is asyncio.current_task():
-            self._store(key, decision)
-        return decision
+        # Not cached when forget() ran meanwhile (this is no longer the pending request) or on error/timeout.
+        if self._pending.get(key) is shared:
+            del self._pending[key]
+            if answer.result in ("allow", "deny"):
+                self._store(key, decision)
+        if not shared.done():
+            shared.set_result(decision)
 
     # -- one request ----------------------------------------------------------------------
 
-    async def _request(self, kind: str, url: str, body: dict[str, object]) -> _Answer:
+    async def _request(self, kind: str, body: dict[str, object]) -> _Answer:
         """Send one request (never retried) and read its answer; every failure is an answer, never raised."""
-        stats = self.stats
         client = self._client
-        if client is None or not url:
+        target = self._targets.get(kind)
+        if client is None or target is None:
             answer = _Answer("error")
-            self._failed(kind, "error", "not started" if client is None else "no acl_url")
+            self._failed(kind, "error", "not started" if client is None else f"no {kind}_url")
         else:
-            answer = await self._send(kind, client, url, body)
-        stats.requests[(kind, answer.result)] += 1
+            posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(posted)  # a cancelled login leaves the request to finish (and be counted)
+            answer = self._outcome(kind, posted) if posted.done() else _Answer("error")
+        self.stats.requests[(kind, answer.result)] += 1
         return answer
 
-    async def _send(self, kind: str, client: aiohttp.ClientSession, url: str, body: dict[str, object]) -> _Answer:
-        stats = self.stats
-        content = json.dumps(body, separators=(",", ":")).encode("ascii")
-        sent_at: float | None = None
-        try:
-            async with asyncio.timeout(self.config.timeout), self._slots:
-                stats.in_flight += 1
-                sent_at = time.perf_counter()
-                try:
-                    async with client.post(url, data=content, allow_redirects=False) as response:
-                        status = response.status
-                        data = await response.read()
-                finally:
-                    stats.in_flight -= 1
-                    stats.observe(time.perf_counter() - sent_at)
-        except TimeoutError:
-            self._failed(kind, "timeout", "no answer" if sent_at is not None else "no free request slot")
+    def _outcome(self, kind: str, posted: asyncio.Future[Response]) -> _Answer:
+        """What a finished request says; failures are logged (rate-limited) and refuse."""
+        exc = posted.exception() if not posted.cancelled() else HttpError("cancelled")
+        if isinstance(exc, TimeoutError):
+            self._failed(kind, "timeout", "no free request slot" if isinstance(exc, SlotTimeout) else str(exc))
             return _Answer("timeout")
-        except (aiohttp.ClientError, OSError, ssl.SSLError, RuntimeError, ValueError) as exc:
-            self._failed(kind, "error", type(exc).__name__)
+        if exc is not None:
+            self._failed(kind, "error", str(exc) or type(exc).__name__)
             return _Answer("error")
-        answer = self._read_go_auth(status) if self._go_auth else self._read_emqx(kind, status, data)
+        response = posted.result()
+        status = response.status
+        answer = self._read_go_auth(status) if self._go_auth else self._read_emqx(kind, status, response.body)
         if answer.result == "error":
             self._failed(kind, "error", f"status {status}, unexpected answer")
         return answer

@@ -235,6 +235,8 @@ class Metrics:
             ["upstream"],
             registry=reg,
         )
+        self._accepted_by_listener: dict[str, Counter] = {}
+        self._latency_by_target: dict[UpstreamTarget, Histogram] = {}  # targets compare by identity
         for listener in self.listeners:
             self.accepted.labels(listener)
             self.closed_connections.labels(listener, NO_TEAM)
@@ -264,7 +266,12 @@ class Metrics:
     # -- per-event hooks (once per connection, never per packet) ---------------------------
 
     def connection_opened(self, listener: str) -> None:
-        self.accepted.labels(listener).inc()
+        # One child per listener, looked up once: labels() validates and locks on every call (a login storm
+        # pays it per connection).
+        child = self._accepted_by_listener.get(listener)
+        if child is None:
+            child = self._accepted_by_listener[listener] = self.accepted.labels(listener)
+        child.inc()
 
     def connection_closed(self, listener: str, team: str | None, stats: Stats) -> None:
         label = self.teams.label(team)
@@ -272,7 +279,10 @@ class Metrics:
         self.closed_connections.labels(listener, label).inc()
 
     def upstream_connected(self, target: UpstreamTarget, seconds: float) -> None:
-        self.upstream_latency.labels(upstream_name(target)).observe(seconds)
+        child = self._latency_by_target.get(target)
+        if child is None:
+            child = self._latency_by_target[target] = self.upstream_latency.labels(upstream_name(target))
+        child.observe(seconds)
 
     def upstream_failed(self, target: UpstreamTarget, reason: str) -> None:
         self.upstream_failures.labels(upstream_name(target)).inc()

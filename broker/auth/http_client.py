@@ -1,0 +1,418 @@
+"""The keep-alive HTTP/1.1 client that carries the platform's questions: h11 speaks the protocol,
+thin asyncio Protocols do the I/O.
+
+Why not aiohttp (which carried them until this module): every login and every cold-cache delivery
+check is one request, and on this path aiohttp's client machinery (request and response objects,
+cookie and header processing, a task per connection acquisition, timers) cost about 140 µs of CPU per
+request, which made a 1,000-client login storm CPU-bound on the front's one event loop
+(docs/benchmarks.md). Here a request is one future, one timer and one write; h11 (the Sans-I/O
+HTTP/1.1 library httpx is built on) does the framing, so nothing about HTTP is hand-parsed.
+
+Answers are *paced*: what a connection receives is queued, and at most ``PACE`` answers are parsed and
+handed to their waiters per turn of the event loop, so a platform answering many requests at the same instant (they
+were sent together) cannot hold the loop for a burst of completions while other clients' packets
+wait; the loop polls its sockets between two batches.
+
+Owns: connections per origin (scheme, host, port), the bound on requests in flight shared by all
+origins (waiters queue in order), the per-request timeout (waiting for a free slot included), the
+idle expiry of kept-alive connections, a bound on the answer's size. Never retries: a request may
+carry a one-time credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, Protocol, cast
+from urllib.parse import urlsplit
+
+import h11
+
+# Below Node.js's default server keepAliveTimeout (5 s): a pooled connection is dropped before the platform
+# closes it, so a request is never written into a connection the server is closing.
+KEEPALIVE_EXPIRY: Final = 4.0
+# Answers handed to their waiters per loop turn (each costs its waiter's continuation, ~0.1 ms).
+PACE: Final = 4
+MAX_BODY: Final = 64 * 1024  # an authn/authz answer is a few dozen bytes
+MAX_HEADS: Final = 512  # request heads kept (one per target and body length)
+
+
+class Meter(Protocol):
+    """Where the client counts (``broker.auth.platform.PlatformStats``): plain integers, read at scrape time."""
+
+    in_flight: int
+
+    def observe(self, seconds: float) -> None:
+        """One request answered (or failed) ``seconds`` after it was sent."""
+
+
+class HttpError(Exception):
+    """The exchange failed: connection refused or lost, TLS, a malformed or oversized answer."""
+
+
+class SlotTimeout(TimeoutError):
+    """No request slot became free within the timeout (the request was never sent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one URL's requests go, parsed once."""
+
+    origin: tuple[str, str, int]  # (scheme, host, port)
+    path: bytes  # request target: path and query
+    host_header: bytes
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        port = parts.port or (443 if scheme == "https" else 80)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        host = parts.hostname
+        shown = f"[{host}]" if ":" in host else host
+        default = port == (443 if scheme == "https" else 80)
+        return cls((scheme, host, port), path.encode("ascii"), (shown if default else f"{shown}:{port}").encode())
+
+
+class _Request:
+    __slots__ = ("body", "finished", "future", "sent_at", "target", "timer")
+
+    def __init__(self, target: Target, body: bytes, future: asyncio.Future[Response]) -> None:
+        self.target = target
+        self.body = body
+        self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+        self.sent_at = 0.0  # loop time it got its slot (0: still waiting for one)
+        self.finished = False  # its outcome is decided
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive connection; at most one request on it at a time (no pipelining)."""
+
+    def __init__(self, pool: HttpClient, origin: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_BODY)
+        self.transport: asyncio.Transport | None = None
+        self.request: _Request | None = None
+        self.status = 0
+        self.body: list[bytes] = []
+        self.size = 0
+        self.idle_since = 0.0
+        self.lost = False
+        self.inbox: list[bytes] = []  # received, not parsed yet (parsing is paced by the pool)
+        self.queued = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def send(self, request: _Request) -> None:
+        assert self.transport is not None
+        self.request = request
+        self.status, self.body, self.size = 0, [], 0
+        conn = self.h11
+        head = self.pool._head(request)
+        self.transport.write(conn.send(head) + conn.send(h11.Data(data=request.body)) + conn.send(h11.EndOfMessage()))
+
+    def data_received(self, data: bytes) -> None:
+        self.inbox.append(data)
+        if not self.queued:
+            self.queued = True
+            self.pool._parse_later(self)
+
+    def parse(self, eof: bool = False) -> None:
+        """Read what arrived: an answer completes its request (called by the pool's drain, paced).
+
+        ``eof``: the platform closed the connection cleanly; once what arrived is read, the close is handed to h11,
+        which ends a body delimited by it and tells it from an answer cut short."""
+        self.queued = False
+        if not self.inbox and not eof:
+            return
+        data = self.inbox[0] if len(self.inbox) == 1 else b"".join(self.inbox)
+        self.inbox.clear()
+        conn = self.h11
+        closed = False  # h11 was told of the close
+        try:
+            if data:
+                conn.receive_data(data)
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA and eof and not closed:
+                    conn.receive_data(b"")
+                    closed = True
+                    continue
+                if event is h11.NEED_DATA or event is h11.PAUSED:
+                    return
+                if self.request is None:
+                    raise HttpError("an answer nobody asked for")
+                if isinstance(event, h11.Response):
+                    self.status = event.status_code
+                elif isinstance(event, h11.Data):
+                    self.size += len(event.data)
+                    if self.size > MAX_BODY:
+                        raise HttpError(f"answer larger than {MAX_BODY} bytes")
+                    self.body.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    self._answered()
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise HttpError("connection closed by the platform")
+                # h11.InformationalResponse (1xx): keep reading
+        except HttpError as exc:
+            self._fail(exc)
+        except h11.ProtocolError as exc:
+            self._fail(HttpError("connection lost" if closed else f"malformed answer: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.parse(eof=exc is None)  # an answer followed by a close (Connection: close) arrives in one turn
+        self.lost = True
+        request, self.request = self.request, None
+        self.pool._lost(self)
+        if request is not None:
+            self.pool._finish(request, HttpError("connection lost" if exc is None else f"connection lost: {exc}"))
+            self.pool._next()
+
+    def _answered(self) -> None:
+        request, self.request = self.request, None
+        if request is None:
+            return
+        response = Response(self.status, b"".join(self.body))
+        conn = self.h11
+        reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        if reusable:
+            conn.start_next_cycle()
+        self.pool._finish(request, response)
+        self.pool._released(self, reusable)
+
+    def _fail(self, exc: HttpError) -> None:
+        request, self.request = self.request, None
+        self.close()
+        if request is not None:
+            self.pool._finish(request, exc)
+            self.pool._next()
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class HttpClient:
+    """POSTs to a few origins over kept-alive connections, at most ``max_in_flight`` at once.
+
+    :meth:`post` returns a future of the :class:`Response`; it fails with :class:`HttpError`,
+    :class:`SlotTimeout` (never sent) or :class:`TimeoutError` (sent, no answer in time).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_in_flight: int,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None,
+        headers: list[tuple[str, str]],
+        meter: Meter,
+    ) -> None:
+        self._meter = meter
+        self._max = max(1, max_in_flight)
+        self._timeout = timeout
+        self._ssl = ssl_context
+        self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        try:  # refuse a header h11 would refuse at the first request
+            probe = h11.Request(method="POST", target="/", headers=[(b"Host", b"h"), *self._headers])
+            h11.Connection(h11.CLIENT).send(probe)
+        except h11.LocalProtocolError as exc:
+            raise ValueError(f"invalid header: {exc}") from None
+        self._busy = 0  # slots taken: requests on the wire plus connections being opened for one
+        self._queue: deque[_Request] = deque()
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._sent: dict[_Request, _Connection] = {}
+        self._readable: deque[_Connection] = deque()  # connections with answers to parse
+        self._draining = False
+        self._opening: dict[asyncio.Task[None], _Request] = {}  # connections being opened, for these requests
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heads: dict[tuple[Target, int], h11.Request] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return self._busy
+
+    def post(self, target: Target, body: bytes) -> asyncio.Future[Response]:
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        future: asyncio.Future[Response] = loop.create_future()
+        if self._closed:
+            future.set_exception(HttpError("client closed"))
+            return future
+        request = _Request(target, body, future)
+        request.timer = loop.call_at(loop.time() + self._timeout, self._expired, request)
+        if self._busy < self._max:
+            self._busy += 1
+            self._meter.in_flight += 1
+            self._start(request)
+        else:
+            self._queue.append(request)
+        return future
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._queue:
+            self._finish(self._queue.popleft(), HttpError("client closed"))
+        for task, request in list(self._opening.items()):
+            if task.cancel():  # not connected yet (a task cancelled before its first step runs none of _open)
+                self._finish(request, HttpError("client closed"))
+                self._next()  # the queue is empty: gives the slot back
+        for conn in list(self._sent.values()):
+            conn.close()
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let connection_lost run
+
+    def _head(self, request: _Request) -> h11.Request:
+        """The request head for this target and body length: built (and validated by h11) once, then reused;
+        events are immutable, and building one costs more than sending it."""
+        target, length = request.target, len(request.body)
+        key = (target, length)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= MAX_HEADS:
+                self._heads.clear()
+            headers = [(b"Host", target.host_header), *self._headers, (b"Content-Length", str(length).encode())]
+            head = self._heads[key] = h11.Request(method="POST", target=target.path, headers=headers)
+        return head
+
+    # -- slots and connections ------------------------------------------------------------
+
+    def _start(self, request: _Request) -> None:
+        """Send ``request`` (its slot is taken) on an idle connection to its origin, or open one."""
+        assert self._loop is not None
+        request.sent_at = self._loop.time()
+        idle = self._idle.get(request.target.origin)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            # Bytes waiting on an idle connection are not an answer to anything: never reuse it.
+            if not conn.lost and not conn.inbox and now - conn.idle_since < KEEPALIVE_EXPIRY:
+                self._sent[request] = conn
+                conn.send(request)
+                return
+            conn.close()
+        task = self._loop.create_task(self._open(request))
+        self._opening[task] = request
+        task.add_done_callback(self._opened)
+
+    async def _open(self, request: _Request) -> None:
+        scheme, host, port = request.target.origin
+        assert self._loop is not None
+        try:
+            # Bounded like the request: a connect or TLS handshake that hangs must not keep its slot.
+            async with asyncio.timeout(self._timeout):
+                _, conn = await self._loop.create_connection(
+                    lambda: _Connection(self, request.target.origin),
+                    host,
+                    port,
+                    ssl=self._ssl if scheme == "https" else None,
+                    server_hostname=host if scheme == "https" else None,
+                )
+        except (OSError, ssl.SSLError, ValueError) as exc:  # TimeoutError is an OSError
+            self._finish(request, HttpError(f"cannot connect: {exc}"))
+            self._next()
+            return
+        except asyncio.CancelledError:
+            self._finish(request, HttpError("client closed"))
+            raise
+        if request.finished:  # timed out while connecting: keep the connection for the next one
+            self._released(conn, True)
+            return
+        self._sent[request] = conn
+        conn.send(request)
+
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        del self._opening[task]
+
+    def _released(self, conn: _Connection, reusable: bool) -> None:
+        """``conn`` finished its request: give its slot to the next waiter, keep it for reuse or close it."""
+        if reusable and not conn.lost and not self._closed:
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(conn.origin, []).append(conn)
+        else:
+            conn.close()
+        self._next()
+
+    def _next(self) -> None:
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.finished:
+                self._start(request)
+                return
+        self._busy -= 1
+        self._meter.in_flight -= 1
+
+    def _lost(self, conn: _Connection) -> None:
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def _expired(self, request: _Request) -> None:
+        request.timer = None
+        conn = self._sent.get(request)
+        if conn is not None:  # sent: the answer is abandoned with its connection
+            conn.request = None
+            conn.close()
+            self._finish(request, TimeoutError("no answer"))
+            self._next()
+        elif request.sent_at:  # connecting: _open gives the slot on when it is done
+            self._finish(request, TimeoutError("no connection"))
+        else:
+            self._queue.remove(request)
+            self._finish(request, SlotTimeout("no free request slot"))
+
+    # -- answers, paced --------------------------------------------------------------------
+
+    def _finish(self, request: _Request, outcome: Response | Exception) -> None:
+        self._sent.pop(request, None)
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
+        if request.finished:
+            return
+        request.finished = True
+        if request.sent_at and self._loop is not None:
+            self._meter.observe(self._loop.time() - request.sent_at)
+        future = request.future
+        if not future.done():  # a caller that gave up cancelled it
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    def _parse_later(self, conn: _Connection) -> None:
+        self._readable.append(conn)
+        if not self._draining and self._loop is not None:
+            self._draining = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        readable = self._readable
+        for _ in range(min(PACE, len(readable))):
+            readable.popleft().parse()
+        if readable and self._loop is not None:
+            self._loop.call_soon(self._drain)  # next turn: the loop polls its sockets first
+        else:
+            self._draining = False
