@@ -98,6 +98,7 @@ class FrontSetup:
     teams: int = 1  # literal per-team ACL rules on top of the flowfuse preset
     users: list[str] = field(default_factory=list)
     workers: int = 1
+    inventory: bool = False  # the topic inventory on (inventory: {})
 
 
 def write_users(path: Path, usernames: list[str]) -> None:
@@ -128,7 +129,9 @@ def start_front(workdir: Path, upstream_port: int, setup: FrontSetup) -> tuple[P
         "acl": {"preset": "flowfuse", "rules": rules},
         "logging": {"level": "warning"},
     }
-    conf = workdir / f"front-{setup.teams}-{setup.workers}.yaml"
+    if setup.inventory:
+        config["inventory"] = {}
+    conf = workdir / f"front-{setup.teams}-{setup.workers}{'-inventory' if setup.inventory else ''}.yaml"
     conf.write_text(yaml.safe_dump(config))
     exe = Path(sys.executable).with_name("mqtt-front")
     log = open(workdir / "front.log", "ab")  # noqa: SIM115 - lives as long as the process

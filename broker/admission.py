@@ -20,8 +20,10 @@ error in the auth path.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+from acl.claims import ClaimPolicy
 from acl.client_ids import client_id_rule
 from acl.engine import AclEngine
 from acl.identity import Identity, parse_identity
@@ -49,6 +51,17 @@ def looks_like_jwt(token: str | bytes | None) -> bool:
     text = token.decode("ascii", "replace") if isinstance(token, bytes) else token
     parts = text.split(".")
     return len(parts) == 3 and all(parts[:2]) and all(c.isalnum() or c in "-_" for c in "".join(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """How an admitted session was let in: what a change of configuration re-checks (see :meth:`Admission.rebind`)."""
+
+    source: str  # "certificate" | "users_file" | "jwt" | "platform" | "anonymous"
+    username: str | None
+    client_id: str
+    mountpoint: str
+    superuser: bool = False  # the platform said so and auth.http.honor_superuser allows it
 
 
 class Admission:
@@ -196,6 +209,52 @@ class Admission:
 
         mount = PLACEHOLDER_RE.sub(fill, template)
         return None if missing else mount
+
+    def grant(self, result: AuthResult, client_id: str, listener: str) -> Grant:
+        """The record of an admitted CONNECT (``result.ok``), kept by the server for :meth:`rebind`."""
+        username = result.username
+        policy = result.policy
+        base = policy.fallback if isinstance(policy, ClaimPolicy) else policy
+        if self.tls.identity_as_username(listener):
+            source = "certificate"
+        elif username is not None and username in self.authenticator.users:
+            source = "users_file"
+        elif result.expires_at is not None or isinstance(policy, ClaimPolicy):
+            source = "jwt"
+        elif username is not None and self.platform is not None:
+            source = "platform"
+        else:
+            source = "anonymous"
+        superuser = isinstance(base, PlatformPolicy) and base.superuser
+        return Grant(source, username, client_id, result.mountpoint, superuser)
+
+    def rebind(self, grant: Grant, current: AccessPolicy | None) -> AccessPolicy | str:
+        """The access policy a connected session gets under the configuration now in force, or why it must go.
+
+        A users-file identity that was removed, and an anonymous session once
+        anonymous access is off, must go; so must a local identity whose ``acl.mountpoints`` changed (its
+        topics would move under it). The platform's and a JWT's identities stay (a one-time credential
+        cannot be checked again; a token carries its own expiry); their rules are rebuilt.
+        """
+        username, client_id = grant.username, grant.client_id
+        if grant.source == "users_file":
+            if username is None or username not in self.authenticator.users:
+                return "user removed"
+        elif grant.source == "anonymous" and not self.authenticator.allow_anonymous:
+            return "anonymous access turned off"
+        identity = parse_identity(username)
+        local = grant.source in ("users_file", "anonymous", "certificate")
+        if local and self._local_mountpoint(identity, client_id) != grant.mountpoint:
+            return "mountpoint changed"
+        policy: AccessPolicy
+        if self.acl_config.source == "http" and self.platform is not None:
+            policy = PlatformPolicy(self.platform, username, client_id, grant.superuser)
+        else:
+            policy = self.acl.for_client(identity, client_id)
+        if isinstance(current, ClaimPolicy):
+            current.fallback = policy  # the token's rules stay in front (they cache only their own matches)
+            return current
+        return policy
 
     async def decide(self, policy: AccessPolicy | None, check: CheckAccess) -> bool:
         """A CheckAccess of a session: the policy's own asynchronous decision, or a deny."""

@@ -19,7 +19,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from broker.logs import format_peer
-from broker.session import Authenticate, AuthResult, CheckAccess, Close, OpenUpstream, Session, SessionSettings
+from broker.mqtt.reasons import DisconnectReason
+from broker.session import (
+    AccessPolicy,
+    Authenticate,
+    AuthResult,
+    CheckAccess,
+    Close,
+    OpenUpstream,
+    Session,
+    SessionSettings,
+)
 
 log = logging.getLogger("mqtt_front.connection")
 
@@ -95,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self._upstream_full = False  # upstream write buffer above its high-water mark
         self._client_full = False  # client write buffer above its high-water mark
         self._started = time.monotonic()
+        self.opened_at = time.time()  # wall clock, for the admin API's "connected since"
         self._closed = False
         self._team_slot: str | None = None  # counted against limits.max_connections_per_team
 
@@ -238,6 +249,21 @@ class ClientConnection(asyncio.Protocol):
         if self._closed or self.session is None:
             return
         self.session.access_decided(check, allowed)
+        self._pump()
+
+    def replace_policy(self, policy: AccessPolicy) -> list[str]:
+        """Rights changed while connected (a reload): the session checks against ``policy`` from now on."""
+        if self.session is None or self._closed:
+            return []
+        revoked = self.session.replace_policy(policy)
+        self._pump()
+        return revoked
+
+    def disconnect(self, reason: DisconnectReason, why: str) -> None:
+        """The front broker ends this session (rights revoked, an operator's kick)."""
+        if self.session is None or self._closed:
+            return
+        self.session.disconnect(reason, why)
         self._pump()
 
     def _credentials_expired(self) -> None:

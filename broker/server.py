@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from acl.engine import AclEngine
 from acl.rules import Rule
-from broker.admission import Admission
+from broker.admission import Admission, Grant
 from broker.auth.jwt import JwtVerifier
 from broker.auth.platform import PlatformClient
 from broker.auth.users import Authenticator, load_users
-from broker.config import AclConfig, Config, ConfigError
+from broker.config import AclConfig, Config, ConfigError, parse_hostport
+from broker.control import Control
 from broker.edge.listeners import start_listener
 from broker.edge.tls import TlsContexts
 from broker.logs import log_event
+from broker.ops.admin import AdminServer
+from broker.ops.admin_access import admin_token
 from broker.ops.http import OpsServer, Readiness
 from broker.ops.metrics import Metrics
 from broker.relay import ClientConnection
 from broker.session import Authenticate, AuthResult, CheckAccess, SessionSettings
+from broker.session.inventory import Inventory
 from broker.upstream.connector import UpstreamConnector
 from broker.upstream.embedded import EmbeddedBroker
 
@@ -46,8 +51,21 @@ def build_acl(config: AclConfig) -> AclEngine:
 
 
 class FrontBroker:
-    def __init__(self, config: Config, reuse_port: bool = False, ops_socket: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reuse_port: bool = False,
+        ops_socket: str | None = None,
+        config_path: str | None = None,
+        admin_socket: str | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path  # what a reload reads again (None: only the files the config names)
+        # A worker of --workers N serves its admin API on this unix socket; the parent serves admin.bind.
+        self.admin_socket = admin_socket
+        self.admin: AdminServer | None = None
+        # Read now: an unreadable admin.token_file is a ConfigError before anything listens.
+        self._admin_token = admin_token(config.admin) if config.admin is not None else None
         self.reuse_port = reuse_port  # several worker processes share the listening sockets
         # A worker serves its metrics/health on this unix socket; the parent serves metrics.bind.
         self.ops_socket = ops_socket
@@ -59,14 +77,30 @@ class FrontBroker:
         # Loads every listener's certificate and key: a ConfigError here comes before anything listens.
         self.tls = TlsContexts(config.listeners)
         up = config.upstream
+        inv = config.inventory
+        self.inventory = (
+            Inventory(
+                inv.max_topics_per_team,
+                inv.ttl,
+                inv.max_teams,
+                inv.samples,
+                monotonic=time.monotonic(),
+                wall=time.time(),
+            )
+            if inv is not None
+            else None
+        )
+        self._inventory_timer: asyncio.TimerHandle | None = None
         self.session_settings = SessionSettings(
             max_packet_size=config.limits.max_packet_size,
             upstream_v5=up is not None,
             upstream_username=up.username if up else None,
             upstream_password=up.password if up else None,
             disconnect_on_deny=config.acl.deny_action == "disconnect",
+            inventory=self.inventory,
         )
         self.connections: set[ClientConnection] = set()
+        self.grants: dict[ClientConnection, Grant] = {}  # how each admitted session got in, for reloads
         self.embedded: EmbeddedBroker | None = None
         self.upstream: UpstreamConnector
         self.bound: dict[str, tuple[str, int]] = {}
@@ -88,6 +122,7 @@ class FrontBroker:
             http_config=http,
             jwt=self.jwt,
         )
+        self.control = Control(self, build_acl)  # reload, revoke, kick, list: what operators do while it runs
         self.readiness = Readiness(self, ops.ready_window, ops.probe_interval) if ops else Readiness(self)
         self.ops: OpsServer | None = None  # the /metrics, /healthz, /readyz endpoint when metrics.bind is set
 
@@ -119,6 +154,30 @@ class FrontBroker:
         log_event(log, logging.INFO, "forwarding", upstream=self.upstream.label)
         self.tls.start()  # reload certificates when their files change
         await self._start_ops()
+        await self._start_admin()
+        if self.inventory is not None:
+            self._tick_inventory()
+
+    def _tick_inventory(self) -> None:
+        """Once a second: the inventory's clock (no clock is read per message) and its bounds."""
+        assert self.inventory is not None
+        self.inventory.tick(time.monotonic(), time.time())
+        self._inventory_timer = asyncio.get_running_loop().call_later(1.0, self._tick_inventory)
+
+    async def _start_admin(self) -> None:
+        admin = self.config.admin
+        if admin is None or self._admin_token is None:
+            return
+        self.admin = AdminServer(self.control, self._admin_token)
+        if self.admin_socket is not None:
+            await self.admin.start_unix(self.admin_socket)
+            return
+        host, port = parse_hostport(admin.bind)
+        try:
+            await self.admin.start(host, port)
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(f"cannot listen on admin.bind: {exc.strerror or exc}") from None
 
     async def _start_ops(self) -> None:
         ops = self.config.metrics
@@ -171,6 +230,12 @@ class FrontBroker:
         return self.tls.reload() and users_ok and jwt_ok
 
     async def stop(self) -> None:
+        if self._inventory_timer is not None:
+            self._inventory_timer.cancel()
+            self._inventory_timer = None
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         await self.tls.stop()
         if self.ops is not None:
             await self.ops.stop()
@@ -207,7 +272,10 @@ class FrontBroker:
         return None
 
     async def admit(self, request: Authenticate, conn: ClientConnection) -> AuthResult:
-        return await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
+        result = await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
+        if result.ok and conn in self.connections:
+            self.grants[conn] = self.admission.grant(result, request.client_id, conn.listener)
+        return result
 
     def release_team(self, team: str) -> None:
         self.admission.release_team(team)
@@ -223,6 +291,7 @@ class FrontBroker:
 
     def connection_closed(self, conn: ClientConnection, reason: str, duration: float) -> None:
         self.connections.discard(conn)
+        self.grants.pop(conn, None)
         session = conn.session
         if session is not None:
             self.metrics.connection_closed(conn.listener, session.team, session.stats)

@@ -38,9 +38,14 @@ from pathlib import Path
 # belong to the package's component.
 LAYERS: list[tuple[str, ...]] = [
     ("broker.cli",),
-    # The subcommands broker.cli hands over to (check and its probe, acl explain): independent of each other.
-    ("broker.cli_check", "broker.cli_explain"),
+    # The subcommands broker.cli hands over to (check and its probe, acl explain, ctl and reload): independent
+    # of each other.
+    ("broker.cli_check", "broker.cli_explain", "broker.cli_ctl"),
     ("broker.server",),
+    # What operators do to a running process (reload, revoke, kick, list); the admin API serves it.
+    ("broker.control",),
+    # A configuration reload prepared in full (and described) before the server swaps anything.
+    ("broker.reload",),
     ("broker.admission",),
     ("broker.ops",),
     ("broker.edge",),

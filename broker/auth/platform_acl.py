@@ -56,6 +56,10 @@ class PlatformPolicy:
         if until < self._allowed_until:
             self._allowed_until = until
 
+    @property
+    def superuser(self) -> bool:
+        return self._superuser
+
     def fast_paths_expired(self) -> bool:
         """True once an allow the session may have remembered has expired (then the session forgets them all)."""
         if self._allowed_until == math.inf or self._client.now() < self._allowed_until:

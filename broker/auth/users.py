@@ -22,7 +22,7 @@ import bcrypt
 import yaml
 
 from acl.identity import FORM_HEADS, is_recognised
-from broker.config import ConfigError
+from broker.config import ConfigError, safe_load
 
 log = logging.getLogger("mqtt_front.auth")
 
@@ -103,9 +103,11 @@ def load_users(path: Path) -> dict[str, bytes]:
     (the structured ones may be given local passwords too, e.g. ``mq:hosted:<team>:<instance>``); a
     reserved name or an unknown ``:`` form makes the whole file invalid, naming the entry."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"auth.users_file: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"auth.users_file: {path} is not UTF-8 text (a bad byte at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"auth.users_file: {path} is not valid YAML: {exc}") from None
     entries = data.get("users") if isinstance(data, dict) else None

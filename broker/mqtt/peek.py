@@ -8,6 +8,7 @@ through the full decoders. No I/O.
 
 from __future__ import annotations
 
+from broker.mqtt.errors import MalformedPacket
 from broker.mqtt.framer import body_start
 from broker.mqtt.packets import decode_ack
 from broker.mqtt.primitives import encode_varint
@@ -53,6 +54,14 @@ def ack_packet_id(buf: bytes, start: int, end: int, v5: bool) -> int:
     if end - start == 4:
         return (buf[end - 2] << 8) | buf[end - 1]
     return decode_ack(buf, start, end, v5).packet_id
+
+
+def header_packet_id(buf: bytes, start: int, end: int) -> int:
+    """The packet identifier right after the fixed header (SUBACK, UNSUBACK, SUBSCRIBE, UNSUBSCRIBE)."""
+    pos = start + 2 if buf[start + 1] < 0x80 else body_start(buf, start)
+    if pos + 2 > end:
+        raise MalformedPacket("packet too short for its packet identifier")
+    return (buf[pos] << 8) | buf[pos + 1]
 
 
 def peek_connect_level(buf: bytes, end: int) -> int:

@@ -67,6 +67,7 @@ class SubackReason(IntEnum):
     GRANTED_QOS_2 = 0x02
     FAILURE = 0x80
     NOT_AUTHORIZED = 0x87
+    QUOTA_EXCEEDED = 0x97
 
 
 class PubackReason(IntEnum):

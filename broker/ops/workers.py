@@ -33,8 +33,11 @@ def resolve_workers(value: str) -> int:
     return count
 
 
-def run_workers(count: int, target: Callable[[int], int]) -> int:
-    """Run ``target(index)`` in ``count`` forked processes until a signal or a worker failure."""
+def run_workers(count: int, target: Callable[[int], int], started: Callable[[], None] | None = None) -> int:
+    """Run ``target(index)`` in ``count`` forked processes until a signal or a worker failure.
+
+    ``started`` is called once every worker is forked and this process forwards signals to them (the
+    moment to write a pid file: a SIGHUP sent to this process from then on reaches every worker)."""
     ctx = multiprocessing.get_context("fork")
     procs: list[BaseProcess] = []
     stopping = False
@@ -54,6 +57,8 @@ def run_workers(count: int, target: Callable[[int], int]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     log.info("started %d workers: %s", count, ", ".join(str(p.pid) for p in procs))
+    if started is not None:
+        started()
     code = 0
     while any(p.is_alive() for p in procs):
         for proc in procs:
@@ -86,8 +91,42 @@ def serve_worker_metrics(address: tuple[str, int], sockets: list[str]) -> Callab
     return stop
 
 
+def serve_worker_admin(address: tuple[str, int], sockets: list[str], token: str) -> Callable[[], None]:
+    """Serve admin.bind for all workers from a thread of this (parent) process; returns a stopper.
+
+    Each worker serves the admin API on its unix socket in ``sockets`` (same order as the workers);
+    :class:`broker.ops.admin_workers.WorkersAdmin` asks them all and merges the answers.
+    """
+    from broker.ops.admin import AdminHttpServer
+    from broker.ops.admin_workers import WorkersAdmin
+
+    loop = asyncio.new_event_loop()
+    backend = WorkersAdmin(sockets, token)
+    server = AdminHttpServer(backend, token)
+    try:
+        loop.run_until_complete(server.start(*address))  # binding errors surface here, before any worker starts
+    except BaseException:
+        loop.close()
+        raise
+    thread = threading.Thread(target=loop.run_forever, name="worker-admin", daemon=True)  # start() logged the URL
+    thread.start()
+
+    async def shutdown() -> None:
+        await server.stop()
+        await backend.close()
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+    return stop
+
+
 def _child(target: Callable[[int], int], index: int) -> None:
-    # The parent's handlers must not run here; the worker installs its own in its event loop.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # The parent's handlers must not run here; the worker installs its own in its event loop. Until it
+    # does, a SIGHUP (a reload forwarded by the parent) is ignored rather than fatal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise SystemExit(target(index))

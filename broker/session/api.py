@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from broker.session.inventory import Inventory
+
 
 class AccessPolicy(Protocol):
     """What the session needs from the access checks for one client (topics as the client sees them).
@@ -121,3 +123,4 @@ class SessionSettings:
     upstream_password: str | None = None
     disconnect_on_deny: bool = False
     upstream_label: str = "upstream"
+    inventory: Inventory | None = None  # the process's topic inventory (None: off)

@@ -73,9 +73,7 @@ class DenyLog:
 
     __slots__ = ("_fields", "_limiter", "_policy")
 
-    def __init__(
-        self, policy: AccessPolicy | None, user: str | None, client: str, team: str | None, peer: str
-    ) -> None:
+    def __init__(self, policy: AccessPolicy | None, user: str | None, client: str, team: str | None, peer: str) -> None:
         self._policy = policy
         self._fields: dict[str, object] = {"user": user, "client": client, "team": team, "peer": peer}
         self._limiter = DenyLogLimiter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from acl.cache import BoundedCache
 from broker.logs import log_event
@@ -33,10 +33,14 @@ from broker.session.api import (
     State,
 )
 from broker.session.audit import DenyLog
-from broker.session.flows import AckOrder, Qos2Refusals, SubackMerger, TopicAliases
+from broker.session.flows import AckOrder, Qos2Refusals, SubackMerger, Subscriptions, TopicAliases
+from broker.session.inventory import TopicEntry
 from broker.session.stats import Stats
 
 log = logging.getLogger("mqtt_front.session")
+
+Allowed = TopicEntry | Literal[True]
+"""What the publish fast path remembers of an allowed topic: its inventory entry to count, or True."""
 
 Held = tuple[bytes, list[int], int]
 """A direction's held packets: the chunk, the ends of the packets still to process, the held packet's start."""
@@ -70,6 +74,7 @@ class SessionBase:
         "_receive_ok",
         "_state",
         "_subacks",
+        "_subs",
         "_upstream_dropped_qos2",
         "_upstream_framer",
         "_upstream_table",
@@ -110,9 +115,11 @@ class SessionBase:
         self._client_refused_qos2 = Qos2Refusals()
         self._upstream_dropped_qos2 = Qos2Refusals()
         self._subacks = SubackMerger()
-        # Raw topic bytes already validated and allowed: the hot paths skip decoding and ACL walks.
-        self._publish_ok: BoundedCache[bytes, bool] = BoundedCache()
-        self._publish_ok_retained: BoundedCache[bytes, bool] = BoundedCache()
+        self._subs = Subscriptions()
+        # Raw topic bytes already validated and allowed: the hot paths skip decoding and ACL walks. A
+        # publish topic maps to its topic-inventory entry (counted on every publish), or True without one.
+        self._publish_ok: BoundedCache[bytes, Allowed] = BoundedCache()
+        self._publish_ok_retained: BoundedCache[bytes, Allowed] = BoundedCache()
         self._receive_ok: BoundedCache[bytes, bool] = BoundedCache()
         # A policy whose allows expire (the platform's cache) says when those topics must be asked about again.
         self._fast_expired: Callable[[], bool] | None = None
@@ -196,11 +203,16 @@ class SessionBase:
 
     def credentials_expired(self) -> None:
         """The I/O layer's timer at the credentials' expiry (a JWT's exp): v5 DISCONNECT 0xA0, then close."""
+        self.disconnect(DisconnectReason.MAXIMUM_CONNECT_TIME, "credentials expired")
+
+    def disconnect(self, reason: DisconnectReason, why: str) -> None:
+        """The front broker ends the session (rights revoked, an operator's kick): a v5 client is sent
+        DISCONNECT with ``reason`` and ``why`` as its reason string; then the connection closes."""
         if self._state is State.CLOSED:
             return
         if self.v5 and self._state is State.ESTABLISHED:
-            self._out_client.append(encode_disconnect(DisconnectReason.MAXIMUM_CONNECT_TIME, "credentials expired"))
-        self._close("credentials expired")
+            self._out_client.append(encode_disconnect(reason, why))
+        self._close(why)
 
     def connection_closed(self) -> None:
         """The I/O layer closed the connection: no more bytes are read or produced (no Close action)."""

@@ -15,6 +15,7 @@ the packet as is, ``b""`` to drop it, or other bytes to send in its place.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 
 from broker.mqtt.errors import ProtocolError, ProtocolViolation
@@ -27,7 +28,8 @@ from broker.mqtt.peek import (
     replace_publish_topic,
 )
 from broker.session.api import CheckAccess, SessionSettings, State
-from broker.session.paths import HOLD, Paths
+from broker.session.live import Live
+from broker.session.paths import HOLD
 from broker.session.stats import Stats
 
 # A packet handler: (session, chunk, start, end) -> None = forward as is, b"" = drop, bytes = send these instead.
@@ -37,7 +39,7 @@ Handler = Callable[["Session", bytes, int, int], "bytes | None"]
 _BACKLOG_MAX = 4 * 1_048_576
 
 
-class Session(Paths):
+class Session(Live):
     __slots__ = ()
 
     def __init__(self, settings: SessionSettings, peer: str = "?", stats: Stats | None = None) -> None:
@@ -113,7 +115,7 @@ class Session(Paths):
                         out.append(chunk[run:start])
                     if replacement is HOLD:
                         counts[ptype] -= 1  # counted again when it is handled with the answer
-                        self._hold(table, (chunk, [e for e in ends if e > start], start))
+                        self._hold(table, (chunk, ends[bisect_right(ends, start) :], start))  # ends is sorted
                         return
                     if replacement:
                         out.append(replacement)
@@ -139,7 +141,11 @@ class Session(Paths):
         topic = plain_publish_topic(chunk, start, end, v5)
         if topic is not None:
             first = chunk[start]
-            if topic in (self._publish_ok_retained if first & 1 else self._publish_ok):
+            entry = (self._publish_ok_retained if first & 1 else self._publish_ok).get(topic)
+            if entry is not None:
+                if entry is not True:  # the topic inventory counts it (bench/inventory_cost.py)
+                    entry.messages += 1
+                    entry.bytes += end - start
                 if not first & 6:  # QoS 0
                     return None
                 packet_id = publish_packet_id(chunk, start, len(topic))
@@ -159,9 +165,13 @@ class Session(Paths):
         topic = plain_publish_topic(chunk, start, end, v5)
         if topic is not None:
             first = chunk[start]
-            if topic in (self._publish_ok_retained if first & 1 else self._publish_ok):
+            entry = (self._publish_ok_retained if first & 1 else self._publish_ok).get(topic)
+            if entry is not None:
                 packet_id = publish_packet_id(chunk, start, len(topic)) if first & 6 else 0
                 if packet_id or not first & 6:
+                    if entry is not True:
+                        entry.messages += 1
+                        entry.bytes += end - start
                     if packet_id:
                         acks = self._acks
                         acks.seq += 1
@@ -347,7 +357,7 @@ FROM_UPSTREAM: tuple[Handler, ...] = _table(
         PacketType.SUBSCRIBE: Session._upstream_client_only,
         PacketType.SUBACK: Session._upstream_suback,
         PacketType.UNSUBSCRIBE: Session._upstream_client_only,
-        PacketType.UNSUBACK: Session._upstream_forward,
+        PacketType.UNSUBACK: Session._upstream_unsuback,
         PacketType.PINGREQ: Session._upstream_client_only,
         PacketType.PINGRESP: Session._upstream_forward,
         PacketType.DISCONNECT: Session._upstream_disconnect,

@@ -1,4 +1,4 @@
-"""Per-flow state of one session: ack ordering, QoS 2 refusals, SUBACK merging, topic aliases.
+"""Per-flow state of one session: ack ordering, QoS 2 refusals, SUBACK merging, topic aliases, subscriptions.
 
 Each class keeps the state of one kind of packet flow and answers one question about it; the
 session (``broker.session.core``) decides when to ask. None of them touches I/O or logs.
@@ -91,6 +91,63 @@ class SubackMerger:
         upstream_codes = iter(suback.reason_codes)
         merged = [next(upstream_codes, SubackReason.FAILURE) if c is None else c for c in codes]
         return encode_suback(v5, suback.packet_id, merged, suback.properties)
+
+
+MAX_SUBSCRIPTIONS = 10_000
+"""Filters one session may hold: the front broker remembers each (to revoke it when rights change)."""
+
+
+class Subscriptions:
+    """The client's granted subscriptions and the packet ids of its SUBSCRIBE/UNSUBSCRIBE flows.
+
+    A revoked right is taken away upstream with an UNSUBSCRIBE the front broker sends on the client's
+    behalf; its packet id must not be one the client is using for a flow of its own, and its UNSUBACK
+    is answered here (the client never asked).
+    """
+
+    __slots__ = ("_client_ids", "_own_ids", "filters")
+
+    def __init__(self) -> None:
+        self.filters: dict[str, str] = {}  # client-visible filter -> the filter sent upstream
+        self._client_ids: set[int] = set()  # the client's SUBSCRIBE/UNSUBSCRIBE flows in progress
+        self._own_ids: set[int] = set()  # our UNSUBSCRIBEs in progress
+
+    def full(self, client_filters: list[str]) -> bool:
+        """Would granting these filters (some perhaps held already) go over MAX_SUBSCRIPTIONS?"""
+        filters = self.filters
+        return len(filters) + sum(f not in filters for f in client_filters) > MAX_SUBSCRIPTIONS
+
+    def granted(self, packet_id: int, filters: list[tuple[str, str]]) -> None:
+        """A SUBSCRIBE goes upstream with these (client filter, upstream filter) pairs."""
+        self._client_ids.add(packet_id)
+        for client_filter, upstream_filter in filters:
+            self.filters[client_filter] = upstream_filter
+
+    def unsubscribed(self, packet_id: int, filters: list[str]) -> None:
+        self._client_ids.add(packet_id)
+        for client_filter in filters:
+            self.filters.pop(client_filter, None)
+
+    def acked(self, packet_id: int) -> bool:
+        """A SUBACK or UNSUBACK from upstream: True if it answers one of our own UNSUBSCRIBEs."""
+        if packet_id in self._own_ids:
+            self._own_ids.discard(packet_id)
+            return True
+        self._client_ids.discard(packet_id)
+        return False
+
+    def revoke(self, client_filters: list[str]) -> tuple[int, list[str]] | None:
+        """Forget these filters; the packet id and upstream filters of the UNSUBSCRIBE that takes them away
+        (None when no packet id is free: every id is in use by a flow)."""
+        upstream = [self.filters.pop(f) for f in client_filters if f in self.filters]
+        if not upstream:
+            return None
+        busy = self._client_ids | self._own_ids
+        for packet_id in range(65535, 0, -1):  # clients count up from 1: start at the other end
+            if packet_id not in busy:
+                self._own_ids.add(packet_id)
+                return packet_id, upstream
+        return None
 
 
 class TopicAliases:

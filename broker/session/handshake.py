@@ -164,7 +164,9 @@ class Handshake(SessionBase):
             if not (fits(mount + will.topic) and fits(mount + response_topic)):
                 self.stats.denied_will += 1
                 self._refuse_connect(
-                    ConnackV3.NOT_AUTHORIZED, ConnackV5.TOPIC_NAME_INVALID, "will topic too long under the mountpoint",
+                    ConnackV3.NOT_AUTHORIZED,
+                    ConnackV5.TOPIC_NAME_INVALID,
+                    "will topic too long under the mountpoint",
                     "not_authorized",
                 )
                 return

@@ -31,9 +31,10 @@ from broker.mqtt.packets import (
     encode_subscribe,
     encode_unsubscribe,
 )
-from broker.mqtt.peek import ack_packet_id, replace_publish_topic
+from broker.mqtt.peek import ack_packet_id, header_packet_id, replace_publish_topic
 from broker.mqtt.properties import Prop
 from broker.mqtt.reasons import DisconnectReason, PubackReason, SubackReason
+from broker.session.base import Allowed
 from broker.session.handshake import Handshake
 from broker.session.mount import checked, mount_filter, unmount_topic
 
@@ -77,8 +78,19 @@ class Paths(Handshake):
             acks.inflight[pub.packet_id] = acks.seq
         mount = self._mount
         response_topic = props is not None and Prop.RESPONSE_TOPIC in props
+        mark: Allowed = True
+        inventory = self.settings.inventory
+        if inventory is not None and self.team is not None:
+            entry = inventory.entry(self.team, mount + topic, pub.retain)  # the topic as it goes upstream
+            entry.messages += 1
+            entry.bytes += end - start
+            if entry.samples_left:
+                entry.sample(chunk, pub.payload_start, end)
+            mark = entry
         if not rewritten:
-            (self._publish_ok_retained if pub.retain else self._publish_ok).remember(topic.encode(), True)
+            # Remembered for the fast path (which counts it) once its payload samples are taken.
+            if mark is True or not mark.samples_left:
+                (self._publish_ok_retained if pub.retain else self._publish_ok).remember(topic.encode(), mark)
             if not mount:
                 return None
             if not response_topic:
@@ -147,17 +159,26 @@ class Paths(Handshake):
                     return HOLD
             verdicts.append(allowed)
         refused = SubackReason.NOT_AUTHORIZED if v5 else SubackReason.FAILURE
+        if self._subs.full([f for (f, _), ok in zip(sub.filters, verdicts, strict=True) if ok]):
+            refused_quota = SubackReason.QUOTA_EXCEEDED if v5 else SubackReason.FAILURE
+            self._out_client.append(encode_suback(v5, sub.packet_id, [refused_quota] * len(sub.filters)))
+            return b""
         codes: list[int | None] = []
         forwarded: list[tuple[str, int]] = []
+        granted: list[tuple[str, str]] = []
         mount = self._mount
         for (filt, options), allowed in zip(sub.filters, verdicts, strict=True):
             if allowed:
                 codes.append(None)
-                forwarded.append((checked(mount_filter(mount, filt), _FILTER_INVALID) if mount else filt, options))
+                upstream_filter = checked(mount_filter(mount, filt), _FILTER_INVALID) if mount else filt
+                forwarded.append((upstream_filter, options))
+                granted.append((filt, upstream_filter))
             else:
                 codes.append(refused)
                 self.stats.denied_subscribe += 1
                 self._deny("subscribe", filt)
+        if granted:
+            self._subs.granted(sub.packet_id, granted)  # remembered: a later change of rights may revoke them
         if len(forwarded) == len(sub.filters) and not mount:
             return None
         if not forwarded:
@@ -170,6 +191,7 @@ class Paths(Handshake):
     def _client_unsubscribe(self, chunk: bytes, start: int, end: int) -> bytes | None:
         check_fixed_flags(chunk[start], self.v5)
         unsub = decode_unsubscribe(chunk, start, end, self.v5)
+        self._subs.unsubscribed(unsub.packet_id, unsub.filters)
         mount = self._mount
         if not mount:
             return None
@@ -273,9 +295,14 @@ class Paths(Handshake):
 
     def _upstream_suback(self, chunk: bytes, start: int, end: int) -> bytes | None:
         """Put our refusals back into a SUBACK for a SUBSCRIBE we forwarded in part."""
+        self._subs.acked(header_packet_id(chunk, start, end))
         if not self._subacks.pending:
             return None
         return self._subacks.merge(decode_suback(chunk, start, end, self.v5), self.v5)
+
+    def _upstream_unsuback(self, chunk: bytes, start: int, end: int) -> bytes | None:
+        """The answer to one of our own UNSUBSCRIBEs (a revoked subscription) stays here."""
+        return b"" if self._subs.acked(header_packet_id(chunk, start, end)) else None
 
     def _upstream_disconnect(self, chunk: bytes, start: int, end: int) -> bytes | None:
         # Relayed to a v5 client (it carries the reason); a v3.1.1 client just sees the close.

@@ -107,6 +107,13 @@ class UpstreamConnector:
 
     # ------------------------------------------------------------------ connecting
 
+    def replace_context(self, context: ssl.SSLContext) -> None:
+        """upstream.tls files read again (a reload): new connections use ``context``; open ones keep theirs.
+        Saved TLS sessions belong to the old context (the ssl module refuses to resume them with another)."""
+        self.context = context
+        for target in self.targets:
+            target.session = None
+
     def order(self) -> list[UpstreamTarget]:
         """The upstreams in the order to try for the next connection."""
         targets = self.targets

@@ -14,11 +14,11 @@ import aiomqtt
 import pytest
 import yaml
 
-from tests.support.cli import mqtt_front
+from tests.support.cli import running
 from tests.support.front import PASSWORD
 from tests.support.mosquitto import Mosquitto
 from tests.support.ops import Scrape, http_request
-from tests.support.ports import free_port, wait_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,20 +43,8 @@ def workers(tmp_path: Path, mosquitto: Mosquitto, users_file: Path) -> Iterator[
     }
     path = tmp_path / "front.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "front.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*mqtt_front(), "run", "-c", str(path), "--workers", "2"], stdout=log, stderr=log)
-    try:
-        wait_port(port)
-        wait_port(metrics_port)
+    with running(path, tmp_path / "front.log", "--workers", "2", ports=(port, metrics_port)) as proc:
         yield proc, port, metrics_port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        finally:
-            log.close()
-            if proc.poll() is None:
-                proc.kill()
 
 
 async def until_two_workers(proc: subprocess.Popen[bytes], metrics_port: int) -> None:

@@ -8,7 +8,8 @@ test may read and clear, exactly what a real pump would have written or run, in 
 
 from __future__ import annotations
 
-from broker.session import Action, AuthResult, CheckAccess, Session, SessionSettings
+from broker.mqtt.reasons import DisconnectReason
+from broker.session import AccessPolicy, Action, AuthResult, CheckAccess, Session, SessionSettings
 from broker.session.stats import Stats
 
 
@@ -68,4 +69,13 @@ class DrivenSession(Session):
 
     def credentials_expired(self) -> None:
         super().credentials_expired()
+        self._collect()
+
+    def replace_policy(self, policy: AccessPolicy) -> list[str]:
+        revoked = super().replace_policy(policy)
+        self._collect()
+        return revoked
+
+    def disconnect(self, reason: DisconnectReason, why: str) -> None:
+        super().disconnect(reason, why)
         self._collect()

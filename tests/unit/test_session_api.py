@@ -73,7 +73,7 @@ def test_a_transition_outside_the_table_is_a_bug() -> None:
 def test_dispatch_tables_name_every_packet_type() -> None:
     assert len(FROM_CLIENT) == len(FROM_UPSTREAM) == 16
     names = {t: (FROM_CLIENT[t].__name__, FROM_UPSTREAM[t].__name__) for t in PacketType}
-    assert names[PacketType.UNSUBACK] == ("_client_server_only", "_upstream_forward")
+    assert names[PacketType.UNSUBACK] == ("_client_server_only", "_upstream_unsuback")  # ours stay here
     assert names[PacketType.PUBCOMP] == ("_client_ack", "_upstream_forward")
     assert names[PacketType.PINGRESP] == ("_client_server_only", "_upstream_forward")
     assert names[PacketType.PUBLISH] == ("_client_publish", "_upstream_publish")

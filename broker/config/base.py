@@ -1,0 +1,33 @@
+"""What every part of the configuration shares: the error type, host:port parsing, the strict model base."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator."""
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{value!r} is not host:port")
+        host, port_text = value, str(default_port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{value!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r}: port {port} out of range")
+    return host, port
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)

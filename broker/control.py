@@ -1,0 +1,250 @@
+"""What operators do to a running front broker: reload its configuration, re-evaluate the connected
+sessions against the policy in force, kick a client, revoke an identity or a team, list the clients.
+
+:class:`Control` works on the process's parts through :class:`ControlledFront` (the server is one); it
+is also what the admin API serves (it has every method of :class:`broker.ops.admin.AdminBackend`).
+Sessions are changed in place through their connections (``replace_policy``, ``disconnect``): nobody
+reconnects unless their identity may no longer connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+from acl.engine import AclEngine
+from broker.admission import Admission, Grant
+from broker.auth.jwt import JwtVerifier
+from broker.auth.platform import PlatformClient
+from broker.auth.users import Authenticator
+from broker.config import AclConfig, Config, ConfigError
+from broker.edge.tls import TlsContexts
+from broker.logs import log_event
+from broker.mqtt.reasons import DisconnectReason
+from broker.ops.metrics import Metrics
+from broker.relay import ClientConnection
+from broker.reload import Prepared, apply_logging, prepare
+from broker.session import Session, SessionSettings
+from broker.session.inventory import Inventory
+from broker.upstream.connector import UpstreamConnector
+
+log = logging.getLogger("mqtt_front.control")
+
+
+class ControlledFront(Protocol):
+    """The parts of a running process a reload swaps or a revocation reads (the server's)."""
+
+    config: Config
+    config_path: str | None
+    grants: dict[ClientConnection, Grant]
+    authenticator: Authenticator
+    admission: Admission
+    tls: TlsContexts
+    platform: PlatformClient | None
+    acl: AclEngine
+    jwt: JwtVerifier | None
+    upstream: UpstreamConnector
+    metrics: Metrics
+    session_settings: SessionSettings
+    inventory: Inventory | None
+
+    def reload(self) -> bool:
+        """Read again only the files the running configuration names (no config file to reload)."""
+        ...
+
+
+class Control:
+    def __init__(self, front: ControlledFront, build_acl: Callable[[AclConfig], AclEngine]) -> None:
+        self.front = front
+        self._build_acl = build_acl
+        self._reloading = asyncio.Lock()
+
+    async def reload(self) -> dict[str, object]:
+        """Reload the whole configuration file (SIGHUP, ``mqtt-front reload``, the admin API).
+
+        The new file and everything it names are read and checked first (:func:`broker.reload.prepare`);
+        an invalid one is refused with ``config_reload_failed`` naming the key, and nothing changes. Then
+        the reloadable parts are swapped (auth, acl, limits, logging; listener TLS files are re-read) and
+        every connected session is re-evaluated against the new policy (:meth:`reevaluate`). Without a
+        config file (an embedded FrontBroker), only the files the config names are read again.
+        """
+        async with self._reloading:
+            if self.front.config_path is None:
+                ok = self.front.reload()
+                return {"ok": ok, "changed": [], "restart_needed": [], "error": None if ok else "see the log"}
+            try:
+                prepared = prepare(
+                    self.front.config_path, self.front.config, self.front.authenticator.users, self._build_acl
+                )
+                platform = await self._platform_for(prepared.config)
+            except ConfigError as exc:
+                log_event(log, logging.ERROR, "config_reload_failed", file=self.front.config_path, reason=str(exc))
+                return {"ok": False, "changed": [], "restart_needed": [], "error": str(exc)}
+            tls_ok = self.front.tls.reload()
+            self._swap(prepared, platform)
+            outcome = self.reevaluate()
+            changes = prepared.changes
+            if not changes and not any(outcome.values()):
+                log_event(
+                    log,
+                    logging.INFO,
+                    "config_unchanged",
+                    file=self.front.config_path,
+                    restart_needed=", ".join(prepared.restart_needed) or None,
+                )
+            else:
+                log_event(
+                    log,
+                    logging.INFO,
+                    "config_reloaded",
+                    file=self.front.config_path,
+                    changed="; ".join(changes) or "nothing",
+                    restart_needed=", ".join(prepared.restart_needed) or None,
+                    **outcome,
+                )
+            return {"ok": tls_ok, "changed": changes, "restart_needed": prepared.restart_needed, **outcome}
+
+    async def _platform_for(self, config: Config) -> PlatformClient | None:
+        """The platform client the new config asks for: the running one when ``auth.http`` did not change."""
+        http = config.auth.http
+        if http == self.front.config.auth.http:
+            return self.front.platform
+        if http is None:
+            return None
+        platform = PlatformClient(http)
+        await platform.start()  # resolves headers and the CA: a ConfigError here changes nothing
+        return platform
+
+    def _swap(self, prepared: Prepared, platform: PlatformClient | None) -> None:
+        config = prepared.config
+        auth = config.auth
+        authenticator = self.front.authenticator
+        authenticator.replace_users(prepared.users)
+        authenticator.allow_anonymous = auth.allow_anonymous
+        old_platform, self.front.platform = self.front.platform, platform
+        if old_platform is not None and old_platform is not platform:
+            asyncio.get_running_loop().create_task(old_platform.close())  # its answers in flight still arrive
+            if platform is not None:
+                self.front.metrics.watch_platform(platform)
+        self.front.acl = prepared.acl
+        self.front.jwt = prepared.jwt
+        admission = self.front.admission
+        admission.acl, admission.acl_config = prepared.acl, config.acl
+        admission.platform, admission.http_config, admission.jwt = platform, auth.http, prepared.jwt
+        admission.max_per_team = config.limits.max_connections_per_team
+        if prepared.upstream_tls is not None:
+            self.front.upstream.replace_context(prepared.upstream_tls)
+        self.front.session_settings.max_packet_size = config.limits.max_packet_size  # new sessions
+        self.front.session_settings.disconnect_on_deny = config.acl.deny_action == "disconnect"
+        self.front.config = config
+        apply_logging(config)
+
+    def reevaluate(self, usernames: set[str] | None = None) -> dict[str, int]:
+        """Check every admitted session (or those of ``usernames``) against the policy in force now.
+
+        A session whose identity may no longer connect is disconnected (v5 DISCONNECT 0x87); the others
+        get their rights rebuilt in place: what they remembered as allowed is dropped, and subscriptions no
+        longer granted are unsubscribed upstream on their behalf.
+        """
+        checked = disconnected = revoked = 0
+        for conn, grant in list(self.front.grants.items()):
+            if usernames is not None and grant.username not in usernames:
+                continue
+            session = conn.session
+            if session is None or session.closed:
+                continue
+            checked += 1
+            verdict = self.front.admission.rebind(grant, session.policy)
+            if isinstance(verdict, str):
+                disconnected += 1
+                log_event(
+                    log,
+                    logging.INFO,
+                    "session_revoked",
+                    peer=conn.peer,
+                    user=grant.username,
+                    client=grant.client_id,
+                    team=session.team,
+                    reason=verdict,
+                )
+                conn.disconnect(DisconnectReason.NOT_AUTHORIZED, verdict)
+            else:
+                revoked += len(conn.replace_policy(verdict))
+        return {"sessions_checked": checked, "sessions_disconnected": disconnected, "subscriptions_revoked": revoked}
+
+    def clients(
+        self, team: str | None = None, username: str | None = None, listener: str | None = None
+    ) -> list[dict[str, object]]:
+        """The admitted sessions (the admin API's client list), filtered; ordered by client id."""
+        out = []
+        for conn, grant in self.front.grants.items():
+            session = conn.session
+            if session is None or session.closed:
+                continue
+            if (team is not None and session.team != team) or (username is not None and grant.username != username):
+                continue
+            if listener is not None and conn.listener != listener:
+                continue
+            out.append(_client_info(conn, grant, session))
+        return sorted(out, key=lambda c: str(c["client_id"]))
+
+    def client(self, client_id: str) -> dict[str, object] | None:
+        found = [c for c in self.clients() if c["client_id"] == client_id]
+        return found[0] if found else None
+
+    def kick(self, client_id: str) -> bool:
+        """An operator ends the session of ``client_id`` (v5 DISCONNECT 0x98 administrative action)."""
+        found = False
+        for conn, grant in list(self.front.grants.items()):
+            if grant.client_id == client_id and conn.session is not None and not conn.session.closed:
+                found = True
+                conn.disconnect(DisconnectReason.ADMINISTRATIVE_ACTION, "disconnected by an operator")
+        if found:
+            log_event(log, logging.INFO, "client_kicked", client=client_id)
+        return found
+
+    def revoke(self, username: str | None = None, team: str | None = None) -> int:
+        """What the platform calls when it deletes a project or suspends a team: every session of that
+        identity (or team) is disconnected (0x98) and the platform's cached decisions for it are dropped."""
+        count = 0
+        forgotten: set[str] = set()
+        for conn, grant in list(self.front.grants.items()):
+            session = conn.session
+            if session is None or session.closed:
+                continue
+            if (username is not None and grant.username == username) or (team is not None and session.team == team):
+                count += 1
+                if grant.username is not None:
+                    forgotten.add(grant.username)
+                conn.disconnect(DisconnectReason.ADMINISTRATIVE_ACTION, "credentials revoked")
+        if username is not None:
+            forgotten.add(username)
+        if self.front.platform is not None:
+            for name in forgotten:
+                self.front.platform.forget(name)
+        log_event(log, logging.INFO, "credentials_revoked", user=username, team=team, sessions=count)
+        return count
+
+    def topics(self, team: str) -> list[dict[str, object]] | None:
+        """The team's topic inventory (None: the inventory is off)."""
+        inventory = self.front.inventory
+        return inventory.snapshot(team) if inventory is not None else None
+
+
+def _client_info(conn: ClientConnection, grant: Grant, session: Session) -> dict[str, object]:
+    return {
+        "client_id": grant.client_id,
+        "username": grant.username,
+        "team": session.team,
+        "listener": conn.listener,
+        "peer": conn.peer,
+        "protocol": "5.0" if session.v5 else "3.1.1",
+        "connected_at": datetime.fromtimestamp(conn.opened_at, UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z"),
+        "subscriptions": session.subscriptions,
+        "mountpoint": session.mountpoint or None,
+    }
