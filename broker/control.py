@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
+from acl.claims import ClaimPolicy
 from acl.engine import AclEngine
 from broker.admission import Admission, Grant
 from broker.auth.jwt import JwtVerifier
 from broker.auth.platform import PlatformClient
+from broker.auth.platform_acl import PlatformPolicy
 from broker.auth.users import Authenticator
 from broker.config import AclConfig, Config, ConfigError
 from broker.edge.tls import TlsContexts
@@ -195,6 +197,36 @@ class Control:
         found = [c for c in self.clients() if c["client_id"] == client_id]
         return found[0] if found else None
 
+    async def recheck_platform(self) -> int:
+        """Ask the platform again about every subscription its sessions hold (``acl.source: http``).
+
+        The platform's answers change (a Team Broker rule removed): a filter it now refuses is
+        revoked in place, as a reload would. Cached answers are reused (no request until they expire);
+        misses are coalesced and bounded by ``max_concurrency`` like every platform check. Returns the
+        number of subscriptions revoked.
+        """
+        checks: list[tuple[ClientConnection, str, Awaitable[bool]]] = []
+        for conn in list(self.front.grants):
+            session = conn.session
+            policy = session.policy if session is not None and not session.closed else None
+            platform = policy.fallback if isinstance(policy, ClaimPolicy) else policy
+            if session is None or policy is None or not isinstance(platform, PlatformPolicy):
+                continue
+            for filt in session.subscriptions:
+                known = policy.check_subscribe(filt)  # a token's claims first; the platform's cache
+                if known is False:
+                    checks.append((conn, filt, _refused()))
+                elif policy is platform or known is None:  # (a claim that grants it decides it)
+                    checks.append((conn, filt, platform.still_subscribed(filt)))
+        if not checks:
+            return 0
+        answers = await asyncio.gather(*(c for _, _, c in checks), return_exceptions=True)
+        refused: dict[ClientConnection, list[str]] = {}
+        for (conn, filt, _), allowed in zip(checks, answers, strict=True):
+            if allowed is False:  # an error is not a refusal here: the deliveries are still checked one by one
+                refused.setdefault(conn, []).append(filt)
+        return sum(len(conn.revoke_filters(filters)) for conn, filters in refused.items())
+
     def kick(self, client_id: str) -> bool:
         """An operator ends the session of ``client_id`` (v5 DISCONNECT 0x98 administrative action)."""
         found = False
@@ -232,6 +264,10 @@ class Control:
         """The team's topic inventory (None: the inventory is off)."""
         inventory = self.front.inventory
         return inventory.snapshot(team) if inventory is not None else None
+
+
+async def _refused() -> bool:
+    return False
 
 
 def _client_info(conn: ClientConnection, grant: Grant, session: Session) -> dict[str, object]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any, Protocol, cast
 
 from broker.logs import format_peer
@@ -81,6 +83,40 @@ class ConnectionHost(Protocol):
 
     def connection_closed(self, conn: ClientConnection, reason: str, duration: float) -> None:
         """The connection is gone; its session's counters are final."""
+
+
+class TurnPacer:
+    """Runs callbacks in order, at most ``per_turn`` per turn of the event loop.
+
+    A burst of new logins (a thousand CONNECTs read at once after an outage) would otherwise start all
+    their authentications in one loop turn, each costing tens of microseconds, while the platform's
+    answers to the first of them and other clients' packets wait for the next poll. Paced, the loop
+    polls its sockets between two batches.
+    """
+
+    def __init__(self, per_turn: int = 16) -> None:
+        self.per_turn = per_turn
+        self._queue: deque[Callable[[], None]] = deque()
+        self._scheduled = False
+
+    def submit(self, callback: Callable[[], None]) -> None:
+        self._queue.append(callback)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        queue = self._queue
+        for _ in range(min(self.per_turn, len(queue))):
+            queue.popleft()()
+        if queue:
+            asyncio.get_running_loop().call_soon(self._run)
+        else:
+            self._scheduled = False
+
+
+LOGINS = TurnPacer()
+"""Authentications started per loop turn (one event loop per process)."""
 
 
 def _join(parts: list[bytes]) -> bytes:
@@ -193,7 +229,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             if isinstance(action, Authenticate):
                 self._cancel_timer()
-                self._spawn(self._authenticate(action))
+                LOGINS.submit(partial(self._start_authentication, action))
             elif isinstance(action, OpenUpstream):
                 self._spawn(self._open_upstream())
             elif isinstance(action, CheckAccess):
@@ -226,6 +262,10 @@ class ClientConnection(asyncio.Protocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _start_authentication(self, action: Authenticate) -> None:
+        if not self._closed and self.session is not None:
+            self._spawn(self._authenticate(action))
+
     async def _authenticate(self, action: Authenticate) -> None:
         result = await self.host.admit(action, self)
         if self._closed or self.session is None:
@@ -256,6 +296,14 @@ class ClientConnection(asyncio.Protocol):
         if self.session is None or self._closed:
             return []
         revoked = self.session.replace_policy(policy)
+        self._pump()
+        return revoked
+
+    def revoke_filters(self, filters: list[str]) -> list[str]:
+        """Take these subscriptions of the client away (its policy now refuses them)."""
+        if self.session is None or self._closed:
+            return []
+        revoked = self.session.revoke_filters(filters)
         self._pump()
         return revoked
 

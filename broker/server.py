@@ -35,6 +35,7 @@ from broker.upstream.connector import UpstreamConnector
 from broker.upstream.embedded import EmbeddedBroker
 
 log = logging.getLogger("mqtt_front.server")
+RECHECK_MIN = 10.0  # seconds between two re-checks of the subscriptions with the platform, at least
 
 
 def build_acl(config: AclConfig) -> AclEngine:
@@ -91,6 +92,7 @@ class FrontBroker:
             else None
         )
         self._inventory_timer: asyncio.TimerHandle | None = None
+        self._recheck: asyncio.Task[None] | None = None
         self.session_settings = SessionSettings(
             max_packet_size=config.limits.max_packet_size,
             upstream_v5=up is not None,
@@ -157,6 +159,19 @@ class FrontBroker:
         await self._start_admin()
         if self.inventory is not None:
             self._tick_inventory()
+        self._recheck = asyncio.get_running_loop().create_task(self._recheck_platform())
+
+    async def _recheck_platform(self) -> None:
+        """With ``acl.source: http``, ask the platform again about the subscriptions held, every
+        ``cache_ttl`` (at least RECHECK_MIN seconds): a changed answer revokes in place."""
+        while True:
+            http = self.config.auth.http
+            await asyncio.sleep(max(RECHECK_MIN, http.cache_ttl if http is not None else RECHECK_MIN))
+            if self.config.acl.source == "http" and self.platform is not None:
+                try:
+                    await self.control.recheck_platform()
+                except Exception:  # never let the loop die: the next round tries again
+                    log.exception("re-checking subscriptions with the platform failed")
 
     def _tick_inventory(self) -> None:
         """Once a second: the inventory's clock (no clock is read per message) and its bounds."""
@@ -230,6 +245,9 @@ class FrontBroker:
         return self.tls.reload() and users_ok and jwt_ok
 
     async def stop(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         if self._inventory_timer is not None:
             self._inventory_timer.cancel()
             self._inventory_timer = None

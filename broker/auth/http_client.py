@@ -8,10 +8,10 @@ request, which made a 1,000-client login storm CPU-bound on the front's one even
 (docs/benchmarks.md). Here a request is one future, one timer and one write; h11 (the Sans-I/O
 HTTP/1.1 library httpx is built on) does the framing, so nothing about HTTP is hand-parsed.
 
-Answers are *paced*: what a connection receives is queued, and at most ``PACE`` answers are parsed and
-handed to their waiters per turn of the event loop, so a platform answering many requests at the same instant (they
-were sent together) cannot hold the loop for a burst of completions while other clients' packets
-wait; the loop polls its sockets between two batches.
+Answers are *paced*: an answer is parsed as it arrives (its slot goes to the next request at once),
+but at most ``PACE`` waiters are woken per turn of the event loop, so a platform answering many
+requests at the same instant (they were sent together) cannot hold the loop for a burst of the
+waiters' continuations while other clients' packets wait; the loop polls its sockets between two.
 
 Owns: connections per origin (scheme, host, port), the bound on requests in flight shared by all
 origins (waiters queue in order), the per-request timeout (waiting for a free slot included), the
@@ -113,8 +113,7 @@ class _Connection(asyncio.Protocol):
         self.size = 0
         self.idle_since = 0.0
         self.lost = False
-        self.inbox: list[bytes] = []  # received, not parsed yet (parsing is paced by the pool)
-        self.queued = False
+        self.inbox: list[bytes] = []  # received, not parsed yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -129,16 +128,13 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.inbox.append(data)
-        if not self.queued:
-            self.queued = True
-            self.pool._parse_later(self)
+        self.parse()  # at once: the slot goes to the next request now; the waiter is woken paced
 
     def parse(self, eof: bool = False) -> None:
         """Read what arrived: an answer completes its request (called by the pool's drain, paced).
 
         ``eof``: the platform closed the connection cleanly; once what arrived is read, the close is handed to h11,
         which ends a body delimited by it and tells it from an answer cut short."""
-        self.queued = False
         if not self.inbox and not eof:
             return
         data = self.inbox[0] if len(self.inbox) == 1 else b"".join(self.inbox)
@@ -240,7 +236,7 @@ class HttpClient:
         self._queue: deque[_Request] = deque()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._sent: dict[_Request, _Connection] = {}
-        self._readable: deque[_Connection] = deque()  # connections with answers to parse
+        self._done: deque[tuple[asyncio.Future[Response], Response | Exception]] = deque()  # waiters to wake
         self._draining = False
         self._opening: dict[asyncio.Task[None], _Request] = {}  # connections being opened, for these requests
         self._closed = False
@@ -283,6 +279,8 @@ class HttpClient:
                 conn.close()
         self._idle.clear()
         await asyncio.sleep(0)  # let connection_lost run
+        while self._done:  # every waiter knows before close() returns (no more pacing)
+            self._drain()
 
     def _head(self, request: _Request) -> h11.Request:
         """The request head for this target and body length: built (and validated by h11) once, then reused;
@@ -395,24 +393,23 @@ class HttpClient:
         request.finished = True
         if request.sent_at and self._loop is not None:
             self._meter.observe(self._loop.time() - request.sent_at)
-        future = request.future
-        if not future.done():  # a caller that gave up cancelled it
-            if isinstance(outcome, Exception):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-    def _parse_later(self, conn: _Connection) -> None:
-        self._readable.append(conn)
+        self._done.append((request.future, outcome))
         if not self._draining and self._loop is not None:
             self._draining = True
             self._loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        readable = self._readable
-        for _ in range(min(PACE, len(readable))):
-            readable.popleft().parse()
-        if readable and self._loop is not None:
+        """Wake at most PACE waiters per loop turn: each one's continuation is the costly part."""
+        done = self._done
+        for _ in range(min(PACE, len(done))):
+            future, outcome = done.popleft()
+            if future.done():  # a caller that gave up cancelled it
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if done and self._loop is not None:
             self._loop.call_soon(self._drain)  # next turn: the loop polls its sockets first
         else:
             self._draining = False

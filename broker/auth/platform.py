@@ -184,7 +184,7 @@ class PlatformClient:
         # Insertion-ordered: the first entry is the oldest (evicted first when full).
         self._cache: dict[CacheKey, tuple[float, bool]] = {}
         self._by_user: dict[str, set[CacheKey]] = {}
-        self._pending: dict[CacheKey, asyncio.Future[bool]] = {}  # the answer a miss of this key waits for
+        self._pending: dict[CacheKey, asyncio.Future[str]] = {}  # the answer a miss of this key waits for
         self._urls = {"auth": redact_url(config.auth_url), "acl": redact_url(config.acl_url or "")}
         self._last_log = -LOG_INTERVAL
         self._suppressed = 0  # platform_error lines left out since the last one
@@ -223,7 +223,7 @@ class PlatformClient:
         self._pending.clear()
         for shared in pending:
             if not shared.done():
-                shared.set_result(False)
+                shared.set_result("error")
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -299,12 +299,17 @@ class PlatformClient:
         ``negative_cache_ttl``; an error or timeout refuses and is not cached (the next check asks again).
         Cancelling a caller does not cancel the shared request.
         """
+        return await self.answer(username, client_id, action, topic) == "allow"
+
+    async def answer(self, username: str | None, client_id: str, action: str, topic: str) -> str:
+        """As :meth:`check`, but the outcome itself: ``allow``, ``deny``, ``error`` or ``timeout`` (a caller that
+        must tell a refusal from a platform that did not answer, such as the periodic re-check)."""
         key = self._key(username, client_id, action, topic)
         stats = self.stats
         decision = self._lookup(key)
         if decision is not None:
             stats.cache_hits += 1
-            return decision
+            return "allow" if decision else "deny"
         stats.cache_misses += 1
         shared = self._pending.get(key)
         if shared is None:
@@ -355,10 +360,10 @@ class PlatformClient:
 
     def _ask(
         self, key: CacheKey, username: str | None, client_id: str, action: str, topic: str
-    ) -> asyncio.Future[bool]:
+    ) -> asyncio.Future[str]:
         """Send the ACL request for ``key``; the future every waiter of this key shares. Callbacks, no task:
         a cold delivery check is on the hot path of a busy subscriber."""
-        shared: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        shared: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[key] = shared
         body: dict[str, object]
         if self._go_auth:
@@ -374,7 +379,7 @@ class PlatformClient:
         posted.add_done_callback(lambda done: self._acl_answered(key, shared, self._outcome("acl", done)))
         return shared
 
-    def _acl_answered(self, key: CacheKey, shared: asyncio.Future[bool], answer: _Answer) -> None:
+    def _acl_answered(self, key: CacheKey, shared: asyncio.Future[str], answer: _Answer) -> None:
         self.stats.requests[("acl", answer.result)] += 1
         decision = answer.result == "allow"
         # Not cached when forget() ran meanwhile (this is no longer the pending request) or on error/timeout.
@@ -383,7 +388,7 @@ class PlatformClient:
             if answer.result in ("allow", "deny"):
                 self._store(key, decision)
         if not shared.done():
-            shared.set_result(decision)
+            shared.set_result(answer.result)
 
     # -- one request ----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class PlatformAcl(Protocol):
 
     def cached(self, username: str | None, client_id: str, action: str, topic: str) -> bool | None: ...
     async def check(self, username: str | None, client_id: str, action: str, topic: str) -> bool: ...
+    async def answer(self, username: str | None, client_id: str, action: str, topic: str) -> str: ...
     def expires(self, username: str | None, client_id: str, action: str, topic: str) -> float: ...
     def now(self) -> float: ...
 
@@ -97,6 +98,13 @@ class PlatformPolicy:
         if allowed and action in ("publish", "deliver"):
             self._allowed(action, topic)
         return allowed
+
+    async def still_subscribed(self, topic_filter: str) -> bool:
+        """The periodic re-check of a subscription held: False only when the platform now says deny (a
+        platform that does not answer keeps the subscription: its deliveries are still checked one by one)."""
+        if self._superuser:
+            return True
+        return await self._client.answer(self._username, self._client_id, "subscribe", topic_filter) != "deny"
 
     def explain_publish(self, topic: str, retain: bool = False) -> PlatformDecision:
         return PlatformDecision(False, source="platform (auth.http.acl_url)")

@@ -46,7 +46,16 @@ class Live(Paths):
         self._decided.clear()
         self._deny_log = None  # it explains denials with the policy it was made with
         revoked = [f for f in self._subs.filters if policy.check_subscribe(f) is False]
-        if not revoked:
+        return self.revoke_filters(revoked)
+
+    def revoke_filters(self, filters: list[str]) -> list[str]:
+        """Take these subscriptions away (those the client holds): an UNSUBSCRIBE upstream on its behalf.
+
+        For a policy that decides asynchronously (the platform): the I/O layer asks it about the
+        client's filters again from time to time, and revokes the ones it now refuses here.
+        """
+        revoked = [f for f in filters if f in self._subs.filters]
+        if not revoked or self._state is State.CLOSED:
             return []
         flow = self._subs.revoke(revoked)
         if flow is None:  # every packet id is taken by a flow in progress: cannot unsubscribe, so end it

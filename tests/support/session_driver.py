@@ -79,3 +79,8 @@ class DrivenSession(Session):
     def disconnect(self, reason: DisconnectReason, why: str) -> None:
         super().disconnect(reason, why)
         self._collect()
+
+    def revoke_filters(self, filters: list[str]) -> list[str]:
+        revoked = super().revoke_filters(filters)
+        self._collect()
+        return revoked
