@@ -53,8 +53,8 @@ class BenchConnection:
         self._drain()
         return revoked
 
-    def disconnect(self, reason: DisconnectReason, why: str) -> None:
-        self.session.disconnect(reason, why)
+    def disconnect(self, reason: DisconnectReason, why: str, discard_will: bool = False) -> None:
+        self.session.disconnect(reason, why, discard_will)
         self._drain()
 
 

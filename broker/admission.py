@@ -61,7 +61,8 @@ class Grant:
     username: str | None
     client_id: str
     mountpoint: str
-    superuser: bool = False  # the platform said so and auth.http.honor_superuser allows it
+    superuser: bool = False
+    team: str | None = None  # the platform said so and auth.http.honor_superuser allows it
 
 
 class Admission:
@@ -217,16 +218,16 @@ class Admission:
         base = policy.fallback if isinstance(policy, ClaimPolicy) else policy
         if self.tls.identity_as_username(listener):
             source = "certificate"
+        elif result.expires_at is not None or isinstance(policy, ClaimPolicy):
+            source = "jwt"  # before the users file: a token's identity may also be a name in it
         elif username is not None and username in self.authenticator.users:
             source = "users_file"
-        elif result.expires_at is not None or isinstance(policy, ClaimPolicy):
-            source = "jwt"
         elif username is not None and self.platform is not None:
             source = "platform"
         else:
             source = "anonymous"
         superuser = isinstance(base, PlatformPolicy) and base.superuser
-        return Grant(source, username, client_id, result.mountpoint, superuser)
+        return Grant(source, username, client_id, result.mountpoint, superuser, result.team)
 
     def rebind(self, grant: Grant, current: AccessPolicy | None) -> AccessPolicy | str:
         """The access policy a connected session gets under the configuration now in force, or why it must go.

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from broker import __version__
 from broker.config import Config, ConfigError, load_config, parse_hostport
 from broker.logs import JsonFormatter, log_event
+from broker.reload import worker_share
 
 log = logging.getLogger("mqtt_front")
 
@@ -55,11 +56,17 @@ async def _serve(
     config_path: str | None = None,
     admin_socket: str | None = None,
     pid_file: str | None = None,
+    workers: int = 1,
 ) -> None:
     from broker.server import FrontBroker
 
     front = FrontBroker(
-        config, reuse_port=reuse_port, ops_socket=ops_socket, config_path=config_path, admin_socket=admin_socket
+        config,
+        reuse_port=reuse_port,
+        ops_socket=ops_socket,
+        config_path=config_path,
+        admin_socket=admin_socket,
+        workers=workers,
     )
     # A SIGINT/SIGTERM while starting stops us right after the start (it used to kill the process
     # between opening the listeners and installing the handlers).
@@ -110,6 +117,7 @@ def _run_loop(
     config_path: str | None = None,
     admin_socket: str | None = None,
     pid_file: str | None = None,
+    workers: int = 1,
 ) -> int:
     """One event loop (uvloop when installed) serving until SIGINT/SIGTERM."""
     loop_factory = None
@@ -122,21 +130,11 @@ def _run_loop(
     log.info("event loop: %s", "uvloop" if loop_factory is not None else "asyncio")
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(config, reuse_port, ops_socket, config_path, admin_socket, pid_file))
+            runner.run(_serve(config, reuse_port, ops_socket, config_path, admin_socket, pid_file, workers))
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
     return 0
-
-
-def _worker_share(config: Config, workers: int) -> Config:
-    """Each worker's copy of the config: ``auth.http.max_concurrency`` is the whole process's bound on
-    requests to the platform, so each of ``workers`` gets its share (rounded up)."""
-    http = config.auth.http
-    if http is None:
-        return config
-    share = http.model_copy(update={"max_concurrency": -(-http.max_concurrency // workers)})
-    return config.model_copy(update={"auth": config.auth.model_copy(update={"http": share})})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -168,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if workers == 1:
             return _run_loop(config, reuse_port=False, config_path=args.config, pid_file=pid_file)
-        return _run_workers(_worker_share(config, workers), workers, args.config, pid_file)
+        return _run_workers(worker_share(config, workers), workers, args.config, pid_file)
     finally:
         if pid_file is not None:
             from broker.ops.pidfile import remove_pid_file
@@ -196,7 +194,11 @@ def _run_workers(config: Config, workers: int, config_path: str, pid_file: str |
     metrics = config.metrics.host_port if config.metrics is not None else None
     admin = config.admin
     if metrics is None and admin is None:
-        return run_workers(workers, lambda index: _run_loop(config, reuse_port=True, config_path=config_path), started)
+        return run_workers(
+            workers,
+            lambda index: _run_loop(config, reuse_port=True, config_path=config_path, workers=workers),
+            started,
+        )
     # Metrics and the admin API of all workers served as one: each worker answers on unix sockets,
     # this process serves metrics.bind and admin.bind from all of them.
     from broker.ops.admin_access import admin_token
@@ -222,7 +224,9 @@ def _run_workers(config: Config, workers: int, config_path: str, pid_file: str |
             return 1
         return run_workers(
             workers,
-            lambda index: _run_loop(config, True, ops_sockets[index], config_path, admin_socket=admin_sockets[index]),
+            lambda index: _run_loop(
+                config, True, ops_sockets[index], config_path, admin_socket=admin_sockets[index], workers=workers
+            ),
             started,
         )
 

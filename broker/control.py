@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Protocol
@@ -19,7 +20,7 @@ from acl.claims import ClaimPolicy
 from acl.engine import AclEngine
 from broker.admission import Admission, Grant
 from broker.auth.jwt import JwtVerifier
-from broker.auth.platform import PlatformClient
+from broker.auth.platform import PlatformClient, client_fingerprint
 from broker.auth.platform_acl import PlatformPolicy
 from broker.auth.users import Authenticator
 from broker.config import AclConfig, Config, ConfigError
@@ -41,6 +42,7 @@ class ControlledFront(Protocol):
 
     config: Config
     config_path: str | None
+    workers: int
     grants: dict[ClientConnection, Grant]
     authenticator: Authenticator
     admission: Admission
@@ -63,6 +65,27 @@ class Control:
         self.front = front
         self._build_acl = build_acl
         self._reloading = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced platform clients finishing their requests
+        # Counts reloads and revocations: a login admitted across one is checked again (see admitted()).
+        self._generation = 0
+        self._revocations: deque[tuple[int, str | None, str | None]] = deque(maxlen=1024)  # (generation, user, team)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def admitted(self, conn: ClientConnection, grant: Grant, since: int) -> str | None:
+        """A login that began at generation ``since`` and was admitted now: None if it may stay, or why not
+        (a reload or revoke ran while its credentials were being checked, and re-evaluation missed it)."""
+        if since == self._generation:
+            return None
+        for generation, username, team in self._revocations:
+            if generation > since and (
+                (username is not None and username == grant.username) or (team is not None and team == grant.team)
+            ):
+                return "credentials revoked"
+        verdict = self.front.admission.rebind(grant, None)
+        return verdict if isinstance(verdict, str) else None
 
     async def reload(self) -> dict[str, object]:
         """Reload the whole configuration file (SIGHUP, ``mqtt-front reload``, the admin API).
@@ -85,10 +108,14 @@ class Control:
             except ConfigError as exc:
                 log_event(log, logging.ERROR, "config_reload_failed", file=self.front.config_path, reason=str(exc))
                 return {"ok": False, "changed": [], "restart_needed": [], "error": str(exc)}
+            changes = prepared.changes
+            if platform is not self.front.platform and not any(c.startswith("auth.http") for c in changes):
+                changes.append("auth.http (its header or CA files)")
+            # Certificates are re-read in place: one that cannot be read keeps the old one (and logs it).
             tls_ok = self.front.tls.reload()
             self._swap(prepared, platform)
+            self._generation += 1
             outcome = self.reevaluate()
-            changes = prepared.changes
             if not changes and not any(outcome.values()):
                 log_event(
                     log,
@@ -107,15 +134,24 @@ class Control:
                     restart_needed=", ".join(prepared.restart_needed) or None,
                     **outcome,
                 )
-            return {"ok": tls_ok, "changed": changes, "restart_needed": prepared.restart_needed, **outcome}
+            report: dict[str, object] = {
+                "ok": True,
+                "changed": changes,
+                "restart_needed": prepared.restart_needed,
+                **outcome,
+            }
+            if not tls_ok:
+                report["warnings"] = ["a listener certificate could not be read again: the old one stays in use"]
+            return report
 
     async def _platform_for(self, config: Config) -> PlatformClient | None:
         """The platform client the new config asks for: the running one when ``auth.http`` did not change."""
         http = config.auth.http
-        if http == self.front.config.auth.http:
-            return self.front.platform
+        running = self.front.platform
         if http is None:
             return None
+        if running is not None and client_fingerprint(http) == running.fingerprint:
+            return running
         platform = PlatformClient(http)
         await platform.start()  # resolves headers and the CA: a ConfigError here changes nothing
         return platform
@@ -126,9 +162,14 @@ class Control:
         authenticator = self.front.authenticator
         authenticator.replace_users(prepared.users)
         authenticator.allow_anonymous = auth.allow_anonymous
+        authenticator.cache_ttl = auth.cache_ttl
+        authenticator.max_pending = auth.max_pending
         old_platform, self.front.platform = self.front.platform, platform
-        if old_platform is not None and old_platform is not platform:
-            asyncio.get_running_loop().create_task(old_platform.close())  # its answers in flight still arrive
+        if old_platform is not platform:
+            if old_platform is not None:
+                task = asyncio.get_running_loop().create_task(self._retire(old_platform))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
             if platform is not None:
                 self.front.metrics.watch_platform(platform)
         self.front.acl = prepared.acl
@@ -143,6 +184,15 @@ class Control:
         self.front.session_settings.disconnect_on_deny = config.acl.deny_action == "disconnect"
         self.front.config = config
         apply_logging(config)
+
+    async def _retire(self, old: PlatformClient) -> None:
+        """A platform client a reload replaced: what it is asked already still gets its answer (a login,
+        a held delivery), then it closes. New questions go to the new client."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + old.config.timeout + 1.0
+        while old.busy() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await old.close()
 
     def reevaluate(self, usernames: set[str] | None = None) -> dict[str, int]:
         """Check every admitted session (or those of ``usernames``) against the policy in force now.
@@ -172,7 +222,7 @@ class Control:
                     team=session.team,
                     reason=verdict,
                 )
-                conn.disconnect(DisconnectReason.NOT_AUTHORIZED, verdict)
+                conn.disconnect(DisconnectReason.NOT_AUTHORIZED, verdict, discard_will=True)
             else:
                 revoked += len(conn.replace_policy(verdict))
         return {"sessions_checked": checked, "sessions_disconnected": disconnected, "subscriptions_revoked": revoked}
@@ -205,7 +255,15 @@ class Control:
         misses are coalesced and bounded by ``max_concurrency`` like every platform check. Returns the
         number of subscriptions revoked.
         """
-        checks: list[tuple[ClientConnection, str, Awaitable[bool]]] = []
+        http = self.front.config.auth.http
+        # A quarter of the platform's slots at most: logins and delivery checks keep the rest.
+        slots = asyncio.Semaphore(max(1, (http.max_concurrency if http is not None else 4) // 4))
+
+        async def still(platform: PlatformPolicy, filt: str) -> bool:
+            async with slots:
+                return await platform.still_subscribed(filt)
+
+        checks: list[tuple[ClientConnection, object, str, Awaitable[bool]]] = []
         for conn in list(self.front.grants):
             session = conn.session
             policy = session.policy if session is not None and not session.closed else None
@@ -215,15 +273,17 @@ class Control:
             for filt in session.subscriptions:
                 known = policy.check_subscribe(filt)  # a token's claims first; the platform's cache
                 if known is False:
-                    checks.append((conn, filt, _refused()))
+                    checks.append((conn, policy, filt, _refused()))
                 elif policy is platform or known is None:  # (a claim that grants it decides it)
-                    checks.append((conn, filt, platform.still_subscribed(filt)))
+                    checks.append((conn, policy, filt, still(platform, filt)))
         if not checks:
             return 0
-        answers = await asyncio.gather(*(c for _, _, c in checks), return_exceptions=True)
+        answers = await asyncio.gather(*(c for _, _, _, c in checks), return_exceptions=True)
         refused: dict[ClientConnection, list[str]] = {}
-        for (conn, filt, _), allowed in zip(checks, answers, strict=True):
-            if allowed is False:  # an error is not a refusal here: the deliveries are still checked one by one
+        for (conn, asked, filt, _), allowed in zip(checks, answers, strict=True):
+            # An error is not a refusal (the deliveries are still checked one by one); a policy replaced
+            # meanwhile (a reload) was re-evaluated already.
+            if allowed is False and conn.session is not None and conn.session.policy is asked:
                 refused.setdefault(conn, []).append(filt)
         return sum(len(conn.revoke_filters(filters)) for conn, filters in refused.items())
 
@@ -231,7 +291,8 @@ class Control:
         """An operator ends the session of ``client_id`` (v5 DISCONNECT 0x98 administrative action)."""
         found = False
         for conn, grant in list(self.front.grants.items()):
-            if grant.client_id == client_id and conn.session is not None and not conn.session.closed:
+            session = conn.session
+            if session is not None and not session.closed and (session.client_id or grant.client_id) == client_id:
                 found = True
                 conn.disconnect(DisconnectReason.ADMINISTRATIVE_ACTION, "disconnected by an operator")
         if found:
@@ -251,9 +312,11 @@ class Control:
                 count += 1
                 if grant.username is not None:
                     forgotten.add(grant.username)
-                conn.disconnect(DisconnectReason.ADMINISTRATIVE_ACTION, "credentials revoked")
+                conn.disconnect(DisconnectReason.ADMINISTRATIVE_ACTION, "credentials revoked", discard_will=True)
         if username is not None:
             forgotten.add(username)
+        self._generation += 1
+        self._revocations.append((self._generation, username, team))  # logins in flight are refused too
         if self.front.platform is not None:
             for name in forgotten:
                 self.front.platform.forget(name)
@@ -272,7 +335,7 @@ async def _refused() -> bool:
 
 def _client_info(conn: ClientConnection, grant: Grant, session: Session) -> dict[str, object]:
     return {
-        "client_id": grant.client_id,
+        "client_id": session.client_id or grant.client_id,  # the assigned one for an empty CONNECT id
         "username": grant.username,
         "team": session.team,
         "listener": conn.listener,

@@ -59,6 +59,7 @@ class ConnectionHost(Protocol):
     @property
     def connect_timeout(self) -> float:
         """Seconds a new connection may take to send its CONNECT."""
+
     @property
     def upstream_connect_timeout(self) -> float:
         """Seconds the upstream may take to answer CONNECT with CONNACK."""
@@ -97,22 +98,30 @@ class TurnPacer:
     def __init__(self, per_turn: int = 16) -> None:
         self.per_turn = per_turn
         self._queue: deque[Callable[[], None]] = deque()
-        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop a run is scheduled on (None: none)
 
     def submit(self, callback: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:  # left over from a loop that is gone (tests run one per test)
+                self._queue.clear()
+            self._loop = loop
+            loop.call_soon(self._run)
         self._queue.append(callback)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._run)
 
     def _run(self) -> None:
         queue = self._queue
-        for _ in range(min(self.per_turn, len(queue))):
-            queue.popleft()()
-        if queue:
-            asyncio.get_running_loop().call_soon(self._run)
-        else:
-            self._scheduled = False
+        try:
+            for _ in range(min(self.per_turn, len(queue))):
+                try:
+                    queue.popleft()()
+                except Exception:  # one login's failure must not stall the others
+                    log.exception("starting an authentication failed")
+        finally:
+            if queue and self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon(self._run)
+            else:
+                self._loop = None
 
 
 LOGINS = TurnPacer()
@@ -307,11 +316,11 @@ class ClientConnection(asyncio.Protocol):
         self._pump()
         return revoked
 
-    def disconnect(self, reason: DisconnectReason, why: str) -> None:
+    def disconnect(self, reason: DisconnectReason, why: str, discard_will: bool = False) -> None:
         """The front broker ends this session (rights revoked, an operator's kick)."""
         if self.session is None or self._closed:
             return
-        self.session.disconnect(reason, why)
+        self.session.disconnect(reason, why, discard_will)
         self._pump()
 
     def _credentials_expired(self) -> None:

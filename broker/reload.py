@@ -38,10 +38,15 @@ class Prepared:
 
 
 def prepare(
-    path: str | Path, running: Config, users: dict[str, bytes], build_acl_engine: Callable[[AclConfig], AclEngine]
+    path: str | Path,
+    running: Config,
+    users: dict[str, bytes],
+    build_acl_engine: Callable[[AclConfig], AclEngine],
+    workers: int = 1,
 ) -> Prepared:
-    """Read and check everything the new file names; raises ConfigError (naming the key) when anything fails."""
-    new = load_config(path)
+    """Read and check everything the new file names; raises ConfigError (naming the key) when anything fails.
+    ``workers``: the process's worker count (each worker holds its share of the shared bounds)."""
+    new = worker_share(load_config(path), workers)
     new_users = load_users(new.auth.users_file) if new.auth.users_file else {}
     engine = build_acl_engine(new.acl)
     jwt = JwtVerifier(new.auth.jwt) if new.auth.jwt is not None else None
@@ -57,6 +62,16 @@ def prepare(
             kept = kept.model_copy(update={key: getattr(running, key)})
     changes = describe(running, new, users, new_users)
     return Prepared(kept, new_users, engine, jwt, upstream_tls, changes, restart)
+
+
+def worker_share(config: Config, workers: int) -> Config:
+    """Each worker's copy of the config: ``auth.http.max_concurrency`` is the whole process's bound on
+    requests to the platform, so each of ``workers`` gets its share (rounded up)."""
+    http = config.auth.http
+    if http is None or workers <= 1:
+        return config
+    share = http.model_copy(update={"max_concurrency": -(-http.max_concurrency // workers)})
+    return config.model_copy(update={"auth": config.auth.model_copy(update={"http": share})})
 
 
 def _listeners_kept(running: Config, new: Config) -> list[ListenerConfig]:

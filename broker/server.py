@@ -59,8 +59,10 @@ class FrontBroker:
         ops_socket: str | None = None,
         config_path: str | None = None,
         admin_socket: str | None = None,
+        workers: int = 1,
     ) -> None:
         self.config = config
+        self.workers = workers  # of the process: a reload gives this worker its share of the shared bounds
         self.config_path = config_path  # what a reload reads again (None: only the files the config names)
         # A worker of --workers N serves its admin API on this unix socket; the parent serves admin.bind.
         self.admin_socket = admin_socket
@@ -290,9 +292,26 @@ class FrontBroker:
         return None
 
     async def admit(self, request: Authenticate, conn: ClientConnection) -> AuthResult:
+        since = self.control.generation
         result = await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
         if result.ok and conn in self.connections:
-            self.grants[conn] = self.admission.grant(result, request.client_id, conn.listener)
+            grant = self.admission.grant(result, request.client_id, conn.listener)
+            why = self.control.admitted(conn, grant, since)  # a reload or revoke ran while it was checked
+            if why is not None:
+                if result.team is not None:
+                    self.admission.release_team(result.team)
+                log_event(
+                    log,
+                    logging.INFO,
+                    "connect_refused",
+                    peer=conn.peer,
+                    user=result.username,
+                    client=request.client_id,
+                    result="not_authorized",
+                    reason=why,
+                )
+                return AuthResult(False)
+            self.grants[conn] = grant
         return result
 
     def release_team(self, team: str) -> None:

@@ -131,6 +131,20 @@ def resolve_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return resolved
 
 
+def client_fingerprint(config: HttpAuthConfig, headers: Mapping[str, str] | None = None) -> tuple[object, ...]:
+    """What a client built from ``config`` would send and trust: the config, the header values read from
+    their files and variables, the CA file's bytes. A reload keeps the running client only when this is
+    unchanged (a rotated token file must reach the platform). Raises ConfigError like :meth:`PlatformClient.start`."""
+    resolved = resolve_headers(config.headers) if headers is None else headers
+    ca = b""
+    if config.ca_file is not None:
+        try:
+            ca = Path(config.ca_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"auth.http.ca_file: cannot read {config.ca_file}: {exc.strerror or exc}") from None
+    return (config, tuple(sorted(resolved.items())), ca)
+
+
 def redact_url(url: str) -> str:
     """A URL fit for logs: userinfo replaced by ``***``, query and fragment left out (they may carry tokens)."""
     parts = urlsplit(url)
@@ -178,6 +192,7 @@ class PlatformClient:
         self._max_entries = max(1, max_cache_entries)
         self._clock = clock
         self._client: HttpClient | None = None
+        self.fingerprint: tuple[object, ...] = ()  # set by start(): see client_fingerprint
         self._targets = {"auth": Target.parse(config.auth_url)}
         if config.acl_url:
             self._targets["acl"] = Target.parse(config.acl_url)
@@ -202,6 +217,7 @@ class PlatformClient:
             "user-agent": f"mqtt-front/{__version__}",
         }
         configured = resolve_headers(cfg.headers)
+        self.fingerprint = client_fingerprint(cfg, configured)
         names = {name.lower() for name in configured}  # a configured header replaces a default, any case
         headers = [(k, v) for k, v in defaults.items() if k not in names] + list(configured.items())
         needs_tls = cfg.ca_file is not None or any(t.origin[0] == "https" for t in self._targets.values())
@@ -324,6 +340,10 @@ class PlatformClient:
             self._cache.pop(key, None)
         for key in [key for key in self._pending if key[0] == username]:
             del self._pending[key]
+
+    def busy(self) -> bool:
+        """Requests on the wire or ACL checks waiting for an answer."""
+        return bool(self._pending) or self.stats.in_flight > 0
 
     def cache_size(self) -> int:
         return len(self._cache)

@@ -188,8 +188,10 @@ class Authenticator:
             ok = await loop.run_in_executor(self._executor, _checkpw, password, hashed or _DUMMY_HASH)
         finally:
             self.pending -= 1
-        ok = ok and hashed is not None
-        if self.cache_ttl > 0:
+        # A reload during the check (the user removed, the password changed): the answer is for a file
+        # that is gone, so it refuses and is not remembered.
+        ok = ok and hashed is not None and self.users.get(username) is hashed
+        if self.cache_ttl > 0 and self.users.get(username) is hashed:
             if len(self._cache) > 100_000:
                 self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             self._cache[key] = (now + self.cache_ttl, ok)

@@ -57,7 +57,9 @@ def signal_process(path: str | Path, signum: int) -> int:
     not running, or is a process that is not mqtt-front (a stale file whose pid was reused)."""
     pid = read_pid_file(path)
     args = command_line(pid)
-    if args is not None and not any(marker in arg for arg in args for marker in COMMAND_MARKERS):
+    # The program itself (argv[0..2]: the script, or `python -m broker.cli`), not any argument that names
+    # it (an editor open on /etc/mqtt-front/front.yaml is not mqtt-front).
+    if args is not None and not any(os.path.basename(arg) in COMMAND_MARKERS for arg in args[:3]):
         raise PidFileError(f"pid {pid} (from {path}) is not mqtt-front: a stale pid file? Nothing was signalled")
     try:
         os.kill(pid, signum)

@@ -42,6 +42,9 @@ log = logging.getLogger("mqtt_front.session")
 Allowed = TopicEntry | Literal[True]
 """What the publish fast path remembers of an allowed topic: its inventory entry to count, or True."""
 
+NORMAL_DISCONNECT = b"\xe0\x00"
+"""DISCONNECT, reason 0 (normal, the will is discarded): the same two bytes in MQTT 3.1.1 and 5."""
+
 Held = tuple[bytes, list[int], int]
 """A direction's held packets: the chunk, the ends of the packets still to process, the held packet's start."""
 
@@ -205,13 +208,20 @@ class SessionBase:
         """The I/O layer's timer at the credentials' expiry (a JWT's exp): v5 DISCONNECT 0xA0, then close."""
         self.disconnect(DisconnectReason.MAXIMUM_CONNECT_TIME, "credentials expired")
 
-    def disconnect(self, reason: DisconnectReason, why: str) -> None:
+    def disconnect(self, reason: DisconnectReason, why: str, discard_will: bool = False) -> None:
         """The front broker ends the session (rights revoked, an operator's kick): a v5 client is sent
-        DISCONNECT with ``reason`` and ``why`` as its reason string; then the connection closes."""
+        DISCONNECT with ``reason`` and ``why`` as its reason string; then the connection closes.
+
+        ``discard_will``: the upstream is sent a normal DISCONNECT first, so that it drops the client's will
+        (an identity whose rights were revoked must not publish one more message).
+        """
         if self._state is State.CLOSED:
             return
-        if self.v5 and self._state is State.ESTABLISHED:
-            self._out_client.append(encode_disconnect(reason, why))
+        if self._state is State.ESTABLISHED:
+            if self.v5:
+                self._out_client.append(encode_disconnect(reason, why))
+            if discard_will:
+                self._out_upstream.append(NORMAL_DISCONNECT)
         self._close(why)
 
     def connection_closed(self) -> None:

@@ -7,6 +7,8 @@ The allowed-topic caches are :class:`acl.cache.BoundedCache` instances, shared w
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from broker.mqtt.errors import TopicAliasInvalid
 from broker.mqtt.packets import SubAck, encode_suback
 from broker.mqtt.reasons import SubackReason
@@ -136,13 +138,14 @@ class Subscriptions:
         self._client_ids.discard(packet_id)
         return False
 
-    def revoke(self, client_filters: list[str]) -> tuple[int, list[str]] | None:
+    def revoke(self, client_filters: list[str], in_use: Iterable[int] = ()) -> tuple[int, list[str]] | None:
         """Forget these filters; the packet id and upstream filters of the UNSUBSCRIBE that takes them away
-        (None when no packet id is free: every id is in use by a flow)."""
+        (None when no packet id is free: every id is in use by a flow). ``in_use``: the client's other
+        flows in progress (its QoS 1/2 PUBLISHes): MQTT wants an id no flow of the client uses."""
         upstream = [self.filters.pop(f) for f in client_filters if f in self.filters]
         if not upstream:
             return None
-        busy = self._client_ids | self._own_ids
+        busy = self._client_ids | self._own_ids | set(in_use)
         for packet_id in range(65535, 0, -1):  # clients count up from 1: start at the other end
             if packet_id not in busy:
                 self._own_ids.add(packet_id)

@@ -45,6 +45,13 @@ class Live(Paths):
         self._receive_ok.clear()
         self._decided.clear()
         self._deny_log = None  # it explains denials with the policy it was made with
+        will = self._connect.will if self._connect is not None else None
+        if will is not None and policy.check_publish(will.topic, will.retain) is False:
+            # The will is registered upstream and cannot be changed: end the session without it. The client
+            # reconnects, and its CONNECT (with that will) meets the new rules.
+            self.stats.denied_will += 1
+            self.disconnect(DisconnectReason.NOT_AUTHORIZED, "will topic no longer allowed", discard_will=True)
+            return []
         revoked = [f for f in self._subs.filters if policy.check_subscribe(f) is False]
         return self.revoke_filters(revoked)
 
@@ -57,7 +64,7 @@ class Live(Paths):
         revoked = [f for f in filters if f in self._subs.filters]
         if not revoked or self._state is State.CLOSED:
             return []
-        flow = self._subs.revoke(revoked)
+        flow = self._subs.revoke(revoked, self._acks.inflight.keys())
         if flow is None:  # every packet id is taken by a flow in progress: cannot unsubscribe, so end it
             self.disconnect(DisconnectReason.NOT_AUTHORIZED, "subscriptions revoked")
             return revoked

@@ -81,7 +81,7 @@ class Paths(Handshake):
         mark: Allowed = True
         inventory = self.settings.inventory
         if inventory is not None and self.team is not None:
-            entry = inventory.entry(self.team, mount + topic, pub.retain)  # the topic as it goes upstream
+            entry = inventory.entry(self.team, mount + topic if mount else topic, pub.retain)  # as it goes upstream
             entry.messages += 1
             entry.bytes += end - start
             if entry.samples_left:

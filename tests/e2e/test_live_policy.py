@@ -123,6 +123,24 @@ async def test_a_rule_removed_takes_effect_for_connected_clients(live: Callable[
 
 
 @pytest.mark.parametrize("v5", VERSIONS)
+async def test_a_rule_changed_moves_the_carve_out(live: Callable[..., Any], mosquitto: Mosquitto, v5: bool) -> None:
+    hidden = {**SECRET_DENY, "pattern": "ff/v1/${team}/c/hidden/#"}
+    front, rewrite = await live(acl={"preset": "flowfuse", "rules": [SECRET_DENY]})
+    t = uid()
+    client = await connect_ok(front_port(front), "project:team1:p1", v5, client_id=f"project:team1:p1:{t}")
+    secret, other = f"ff/v1/team1/c/secret/{t}", f"ff/v1/team1/c/hidden/{t}"
+    assert await client.subscribe(secret, other, qos=1) == [0x87 if v5 else 0x80, 1]
+    rewrite(acl={"preset": "flowfuse", "rules": [hidden]})
+    report = await front.control.reload()
+    assert report["changed"] == ["rules 1 -> 1"] and report["subscriptions_revoked"] == 1
+    assert await no_subscriber_upstream(mosquitto, other)
+    assert await client.subscribe(secret, qos=1) == [1]
+    assert await client.publish(secret, b"now", qos=1) == 0
+    assert topics(await client.until(secret)) == [secret]
+    await client.close()
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
 async def test_a_removed_user_is_disconnected_and_the_others_stay(
     live: Callable[..., Any], tmp_path: Path, v5: bool
 ) -> None:

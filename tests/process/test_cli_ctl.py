@@ -269,7 +269,7 @@ STUB = textwrap.dedent(
 
 @pytest.fixture
 def stub(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
-    script = tmp_path / "mqtt-front-stub.py"
+    script = tmp_path / "mqtt-front"  # the program's name is what marks an mqtt-front process
     script.write_text(STUB)
     record, pid_file = tmp_path / "signals", tmp_path / "front.pid"
     proc = subprocess.Popen([sys.executable, str(script), str(record), str(pid_file)])
@@ -308,8 +308,17 @@ def test_reload_through_the_pid_file_sends_sighup(
     assert proc.poll() is None
 
 
-def test_reload_refuses_a_pid_that_is_not_mqtt_front(tmp_path: Path) -> None:
-    sleeper = subprocess.Popen(["sleep", "30"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sleep", "30"],
+        # Naming mqtt-front in an argument (an editor on its config) does not make a process mqtt-front.
+        [sys.executable, "-c", "import time; time.sleep(30)", "/etc/mqtt-front/front.yaml"],
+    ],
+    ids=["sleep", "argument-names-it"],
+)
+def test_reload_refuses_a_pid_that_is_not_mqtt_front(tmp_path: Path, argv: list[str]) -> None:
+    sleeper = subprocess.Popen(argv)
     try:
         pid_file = tmp_path / "front.pid"
         pid_file.write_text(f"{sleeper.pid}\n")

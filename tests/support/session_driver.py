@@ -76,8 +76,8 @@ class DrivenSession(Session):
         self._collect()
         return revoked
 
-    def disconnect(self, reason: DisconnectReason, why: str) -> None:
-        super().disconnect(reason, why)
+    def disconnect(self, reason: DisconnectReason, why: str, discard_will: bool = False) -> None:
+        super().disconnect(reason, why, discard_will)
         self._collect()
 
     def revoke_filters(self, filters: list[str]) -> list[str]:

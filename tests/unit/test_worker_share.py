@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.cli import _worker_share
 from broker.config import parse_config
+from broker.reload import worker_share as _worker_share
 
 BASE = {
     "listeners": [{"name": "m", "type": "tcp", "bind": "127.0.0.1:1883"}],
