@@ -15,6 +15,9 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+ANONYMOUS_CLIENT_PREFIX = "anonymous:"
+"""Anonymous clients share one client-id namespace upstream (``anonymous:<id>``), apart from every user's."""
+
 
 class IdentityKind(StrEnum):
     PROJECT = "project"  # project:<team>:<project>, a Node-RED instance's project-link nodes

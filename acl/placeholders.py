@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from acl.identity import Identity
+from acl.identity import ANONYMOUS_CLIENT_PREFIX, Identity, IdentityKind
 
 # team, project, device, user and session come from the username form (acl.identity); an identity whose
 # form has no such part has no value for it, so rules using it do not apply to that identity.
@@ -25,7 +25,16 @@ def valid_value(value: str | None) -> bool:
 
 
 def placeholder_values(identity: Identity, client_id: str) -> dict[str, str]:
-    """The values a client's placeholders bind to; unusable values are left out so they never match."""
+    """The values a client's placeholders bind to; unusable values are left out so they never match.
+
+    An anonymous client's ``${clientid}`` is its id as it is namespaced upstream (``anonymous:<id>``):
+    bound to the raw id, an anonymous client calling itself ``alice`` would share the ``${clientid}``
+    topics of the user whose client id is ``alice``. An empty id (one the front broker assigns later)
+    has no value.
+    """
+    clientid: str | None = client_id or None
+    if identity.kind is IdentityKind.ANONYMOUS and clientid is not None:
+        clientid = ANONYMOUS_CLIENT_PREFIX + clientid
     raw: dict[str, str | None] = {
         "team": identity.team,
         "project": identity.project,
@@ -33,6 +42,6 @@ def placeholder_values(identity: Identity, client_id: str) -> dict[str, str]:
         "user": identity.user,
         "session": identity.session,
         "username": identity.username,
-        "clientid": client_id,
+        "clientid": clientid,
     }
     return {name: value for name, value in raw.items() if value is not None and valid_value(value)}

@@ -12,7 +12,7 @@ from enum import IntEnum
 from broker.mqtt.errors import MalformedPacket, ProtocolViolation, UnsupportedProtocol
 from broker.mqtt.framer import body_start
 from broker.mqtt.primitives import encode_binary, encode_str, encode_varint, read_binary, read_str, read_u16
-from broker.mqtt.properties import Ctx, Properties, decode_properties, encode_properties
+from broker.mqtt.properties import Ctx, Prop, Properties, decode_properties, encode_properties
 from broker.mqtt.topics import split_shared, validate_topic_filter, validate_topic_name
 
 
@@ -126,6 +126,8 @@ def decode_connect(buf: bytes, start: int, end: int) -> Connect:
         if not will_topic:
             raise ProtocolViolation("empty will topic")
         validate_topic_name(will_topic)
+        if Prop.RESPONSE_TOPIC in will_props:
+            validate_topic_name(will_props[Prop.RESPONSE_TOPIC])  # a topic name: no wildcards [MQTT-3.3.2-14]
         will_payload, pos = read_binary(buf, pos, end)
         will = Will(will_topic, will_payload, will_qos, will_retain, will_props)
     username = password = None

@@ -16,6 +16,7 @@ import secrets
 from dataclasses import replace
 
 from acl.client_ids import client_id_allowed
+from acl.identity import ANONYMOUS_CLIENT_PREFIX
 from broker.logs import log_event
 from broker.mqtt.errors import ProtocolError, ProtocolViolation, UnsupportedProtocol
 from broker.mqtt.packets import (
@@ -34,8 +35,7 @@ from broker.session.api import Authenticate, AuthResult, ClientIdRule, OpenUpstr
 from broker.session.base import SessionBase, log
 from broker.session.mount import fits
 
-# Anonymous clients share one client-id namespace upstream, apart from every user's.
-ANONYMOUS_PREFIX = "anonymous:"
+ANONYMOUS_PREFIX = ANONYMOUS_CLIENT_PREFIX  # the namespace of anonymous clients' ids upstream
 
 # CONNACK codes by which the upstream refuses the front broker's own credentials.
 _CREDENTIALS_REFUSED = frozenset(

@@ -34,6 +34,7 @@ from broker.mqtt.packets import (
 from broker.mqtt.peek import ack_packet_id, header_packet_id, replace_publish_topic
 from broker.mqtt.properties import Prop
 from broker.mqtt.reasons import DisconnectReason, PubackReason, SubackReason
+from broker.mqtt.topics import validate_topic_name
 from broker.session.base import Allowed
 from broker.session.handshake import Handshake
 from broker.session.mount import checked, mount_filter, unmount_topic
@@ -58,6 +59,8 @@ class Paths(Handshake):
         props = pub.properties
         if props and Prop.SUBSCRIPTION_IDENTIFIER in props:
             raise ProtocolViolation("Subscription Identifier in a PUBLISH from the client")  # [MQTT-3.3.4-6]
+        if props and Prop.RESPONSE_TOPIC in props:
+            validate_topic_name(props[Prop.RESPONSE_TOPIC])  # a topic name: no wildcards [MQTT-3.3.2-14]
         if props and Prop.TOPIC_ALIAS in props:
             topic = self._aliases.resolve(props[Prop.TOPIC_ALIAS], topic)
             rewritten = True
