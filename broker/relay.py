@@ -31,6 +31,7 @@ from broker.session import (
     OpenUpstream,
     Session,
     SessionSettings,
+    State,
 )
 
 log = logging.getLogger("mqtt_front.connection")
@@ -151,6 +152,9 @@ class ClientConnection(asyncio.Protocol):
         self._client_full = False  # client write buffer above its high-water mark
         self._started = time.monotonic()
         self.opened_at = time.time()  # wall clock, for the admin API's "connected since"
+        self.reads = 0  # reads from the client so far
+        self.quiet_since = 0.0  # when the keep-alive sweep last saw ``reads`` move (0: not swept yet)
+        self._swept_reads = -1
         self._closed = False
         self._team_slot: str | None = None  # counted against limits.max_connections_per_team
 
@@ -171,6 +175,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer = loop.call_later(self.host.connect_timeout, self._connect_timeout)
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1  # the keep-alive sweep compares it between two sweeps (no clock read per read)
         session = self.session
         assert session is not None
         session.receive_client(data)
@@ -307,6 +312,19 @@ class ClientConnection(asyncio.Protocol):
         revoked = self.session.replace_policy(policy)
         self._pump()
         return revoked
+
+    def sweep_keep_alive(self, now: float) -> None:
+        """The periodic keep-alive sweep (the server's): 1.5 x keep_alive seconds without a read from an
+        established client end it. Costs one comparison per connection per sweep, nothing per packet."""
+        session = self.session
+        if session is None or self._closed or not session.keep_alive or session.state is not State.ESTABLISHED:
+            return
+        if self.reads != self._swept_reads or self._read_paused:  # paused: we stopped reading, not the client
+            self._swept_reads = self.reads
+            self.quiet_since = now
+        elif now - self.quiet_since >= 1.5 * session.keep_alive:
+            session.keep_alive_expired()
+            self._pump()
 
     def revoke_filters(self, filters: list[str]) -> list[str]:
         """Take these subscriptions of the client away (its policy now refuses them)."""

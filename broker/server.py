@@ -35,6 +35,7 @@ from broker.upstream.connector import UpstreamConnector
 from broker.upstream.embedded import EmbeddedBroker
 
 log = logging.getLogger("mqtt_front.server")
+KEEP_ALIVE_SWEEP = 0.5  # seconds between two keep-alive sweeps: a silent client goes within 1.5 x + 0.5 s
 RECHECK_MIN = 10.0  # seconds between two re-checks of the subscriptions with the platform, at least
 
 
@@ -95,6 +96,7 @@ class FrontBroker:
         )
         self._inventory_timer: asyncio.TimerHandle | None = None
         self._recheck: asyncio.Task[None] | None = None
+        self._keep_alive_timer: asyncio.TimerHandle | None = None
         self.session_settings = SessionSettings(
             max_packet_size=config.limits.max_packet_size,
             upstream_v5=up is not None,
@@ -162,6 +164,15 @@ class FrontBroker:
         if self.inventory is not None:
             self._tick_inventory()
         self._recheck = asyncio.get_running_loop().create_task(self._recheck_platform())
+        self._sweep_keep_alive()
+
+    def _sweep_keep_alive(self) -> None:
+        """Every KEEP_ALIVE_SWEEP seconds: clients silent for 1.5 x their keep-alive are ended (0x8D). A
+        sweep over the connections rather than a timer per connection reset on every read."""
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.sweep_keep_alive(now)
+        self._keep_alive_timer = asyncio.get_running_loop().call_later(KEEP_ALIVE_SWEEP, self._sweep_keep_alive)
 
     async def _recheck_platform(self) -> None:
         """With ``acl.source: http``, ask the platform again about the subscriptions held, every
@@ -250,6 +261,9 @@ class FrontBroker:
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
+            self._keep_alive_timer = None
         if self._inventory_timer is not None:
             self._inventory_timer.cancel()
             self._inventory_timer = None

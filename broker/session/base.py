@@ -83,6 +83,7 @@ class SessionBase:
         "_upstream_table",
         "assigned_client_id",
         "client_id",
+        "keep_alive",
         "peer",
         "policy",
         "reading_client",
@@ -101,6 +102,7 @@ class SessionBase:
         self.stats = stats if stats is not None else Stats()
         self._state = State.WAIT_CONNECT
         self.v5 = False
+        self.keep_alive = 0  # seconds the client may stay silent (CONNECT, or the server's CONNACK); 0: no limit
         self._out_client: list[bytes] = []
         self._out_upstream: list[bytes] = []
         self._actions: list[Action] = []
@@ -207,6 +209,11 @@ class SessionBase:
     def credentials_expired(self) -> None:
         """The I/O layer's timer at the credentials' expiry (a JWT's exp): v5 DISCONNECT 0xA0, then close."""
         self.disconnect(DisconnectReason.MAXIMUM_CONNECT_TIME, "credentials expired")
+
+    def keep_alive_expired(self) -> None:
+        """The I/O layer saw nothing from the client for 1.5 x keep_alive [MQTT-3.1.2-24]: v5 DISCONNECT
+        0x8D, then close (the broker publishes the will: the client is gone, not leaving)."""
+        self.disconnect(DisconnectReason.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
 
     def disconnect(self, reason: DisconnectReason, why: str, discard_will: bool = False) -> None:
         """The front broker ends the session (rights revoked, an operator's kick): a v5 client is sent

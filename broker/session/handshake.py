@@ -72,6 +72,7 @@ class Handshake(SessionBase):
             return
         self._connect = connect
         self.v5 = connect.v5
+        self.keep_alive = connect.keepalive
         self.client_id = connect.client_id
         if connect.v5 and not self.settings.upstream_v5:
             log.warning(
@@ -305,6 +306,7 @@ class Handshake(SessionBase):
         if self.v5:
             props = connack.properties
             self._aliases.maximum = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
+            self.keep_alive = props.get(Prop.SERVER_KEEP_ALIVE, self.keep_alive)  # the server's value wins
             if self.assigned_client_id is not None:
                 props[Prop.ASSIGNED_CLIENT_IDENTIFIER] = self.assigned_client_id
             elif Prop.ASSIGNED_CLIENT_IDENTIFIER in props:
