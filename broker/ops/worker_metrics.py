@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -72,6 +73,16 @@ def merge(texts: Iterable[str]) -> list[Metric]:
     return merged
 
 
+class ParentCounts(Protocol):
+    """The parent process's own counters (``broker.ops.workers.PARENT``)."""
+
+    restarts: int
+
+
+class _NoParent:
+    restarts = 0
+
+
 class _Merged(Collector):
     def __init__(self, metrics: list[Metric]) -> None:
         self.metrics = metrics
@@ -83,9 +94,10 @@ class _Merged(Collector):
 class WorkersOpsServer(HttpEndpoint):
     """The parent's endpoint: answers from every worker's endpoint."""
 
-    def __init__(self, socket_paths: Sequence[str]) -> None:
+    def __init__(self, socket_paths: Sequence[str], parent: ParentCounts | None = None) -> None:
         super().__init__()
         self.socket_paths = list(socket_paths)
+        self.parent: ParentCounts = parent if parent is not None else _NoParent()
 
     async def _all(self, path: str) -> list[tuple[int, bytes]]:
         return list(await asyncio.gather(*(fetch(path, p) for p in self.socket_paths)))
@@ -97,7 +109,12 @@ class WorkersOpsServer(HttpEndpoint):
             if missing:
                 return 503, "application/json", _json({"error": "workers not answering", "workers": missing})
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Merged(merge(body.decode() for _, body in answers)))
+            merged = merge(body.decode() for _, body in answers)
+            restarts = CounterMetricFamily(
+                "mqtt_front_worker_restarts", "Workers that died and were started again by the parent"
+            )
+            restarts.add_metric([], self.parent.restarts)
+            registry.register(_Merged([*merged, restarts]))
             return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
         if path in ("/healthz", "/readyz"):
             answers = await self._all(path)

@@ -33,9 +33,31 @@ def resolve_workers(value: str) -> int:
     return count
 
 
-def run_workers(count: int, target: Callable[[int], int], started: Callable[[], None] | None = None) -> int:
-    """Run ``target(index)`` in ``count`` forked processes until a signal or a worker failure.
+# A dead worker is started again after a back-off that doubles with each recent death; more than
+# MAX_RESTARTS deaths within RESTART_WINDOW seconds mean it cannot run: the process stops.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+# A worker whose target returned 1 could not start (its configuration, a bind): starting it again would
+# fail the same way, so that stops the process at once. Its exit code says so (sysexits' EX_CONFIG).
+COULD_NOT_START = 78
 
+
+class ParentStats:
+    """What the parent counts (read by its metrics endpoint from another thread: plain integers)."""
+
+    restarts = 0
+
+
+PARENT = ParentStats()
+
+
+def run_workers(count: int, target: Callable[[int], int], started: Callable[[], None] | None = None) -> int:
+    """Run ``target(index)`` in ``count`` forked processes until a signal, restarting a worker that dies.
+
+    The others keep serving meanwhile (they share the listening sockets: the port never stops accepting).
+    Only repeated deaths (MAX_RESTARTS within RESTART_WINDOW) stop everything, with exit code 1.
     ``started`` is called once every worker is forked and this process forwards signals to them (the
     moment to write a pid file: a SIGHUP sent to this process from then on reaches every worker)."""
     ctx = multiprocessing.get_context("fork")
@@ -50,25 +72,56 @@ def run_workers(count: int, target: Callable[[int], int], started: Callable[[], 
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    for index in range(count):
+    def spawn(index: int) -> BaseProcess:
         child = ctx.Process(target=_child, args=(target, index), name=f"mqtt-front-worker-{index}")
         child.start()
-        procs.append(child)
+        return child
+
+    for index in range(count):
+        procs.append(spawn(index))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     log.info("started %d workers: %s", count, ", ".join(str(p.pid) for p in procs))
     if started is not None:
         started()
     code = 0
-    while any(p.is_alive() for p in procs):
-        for proc in procs:
-            if not proc.is_alive() and proc.exitcode not in (0, None) and not stopping:
-                log.error("worker %s exited with %s: stopping the others", proc.name, proc.exitcode)
+    deaths: list[float] = []  # when workers died, within the window
+    due: dict[int, float] = {}  # index -> when its replacement starts
+    while not stopping or any(p.is_alive() for p in procs):
+        now = time.monotonic()
+        for index, proc in enumerate(procs):
+            if stopping or proc.is_alive() or index in due:
+                continue
+            if proc.exitcode == COULD_NOT_START:
+                log.error("worker %s could not start: stopping the others", proc.name)
                 code = 1
                 forward(signal.SIGTERM, None)
-        time.sleep(0.2)
-    if any(p.exitcode not in (0, None) for p in procs) and not stopping:
-        code = 1
+                break
+            deaths[:] = [t for t in deaths if now - t < RESTART_WINDOW]
+            deaths.append(now)
+            if len(deaths) > MAX_RESTARTS:
+                log.error(
+                    "worker %s exited with %s, the %d. death in %.0f s: stopping the others",
+                    proc.name,
+                    proc.exitcode,
+                    len(deaths),
+                    RESTART_WINDOW,
+                )
+                code = 1
+                forward(signal.SIGTERM, None)
+                break
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(deaths) - 1))
+            log.error("worker %s exited with %s: restarting it in %.1f s", proc.name, proc.exitcode, delay)
+            due[index] = now + delay
+        for index, at in list(due.items()):
+            if stopping:
+                due.clear()
+            elif now >= at:
+                del due[index]
+                procs[index] = spawn(index)
+                PARENT.restarts += 1
+                log.info("worker %s restarted: pid %s", procs[index].name, procs[index].pid)
+        time.sleep(0.05)
     return code
 
 
@@ -77,7 +130,7 @@ def serve_worker_metrics(address: tuple[str, int], sockets: list[str]) -> Callab
     from broker.ops.worker_metrics import WorkersOpsServer
 
     loop = asyncio.new_event_loop()
-    server = WorkersOpsServer(sockets)
+    server = WorkersOpsServer(sockets, PARENT)
     loop.run_until_complete(server.start(*address))  # binding errors surface here, before any worker starts
     log.info("metrics, health and readiness of %d workers on http://%s:%d", len(sockets), *address)
     thread = threading.Thread(target=loop.run_forever, name="worker-metrics", daemon=True)
@@ -129,4 +182,5 @@ def _child(target: Callable[[int], int], index: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    raise SystemExit(target(index))
+    code = target(index)
+    raise SystemExit(COULD_NOT_START if code == 1 else code)
