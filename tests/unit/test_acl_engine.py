@@ -619,3 +619,17 @@ def test_engine_validation() -> None:
     for bad in ["a/b", "g+", "x${team}", "${nope}", ""]:
         with pytest.raises(ValueError):
             AclEngine([], share_groups=[bad])
+
+
+def test_the_bounded_cache_also_bounds_the_bytes_it_holds() -> None:
+    from acl.cache import BYTES_MAX, KEY_MAX, BoundedCache
+
+    cache: BoundedCache[bytes, bool] = BoundedCache(100_000)
+    for i in range(5 * BYTES_MAX // KEY_MAX):  # long (but cacheable) topics, many of them
+        cache.remember(b"t" * (KEY_MAX - 8) + f"{i:08d}".encode(), True)
+        assert sum(len(k) for k in cache) <= BYTES_MAX  # never more than the byte bound
+    assert 0 < len(cache) <= BYTES_MAX // KEY_MAX
+    cache.clear()
+    assert cache.held == 0 and not cache
+    cache.remember(b"x" * (KEY_MAX + 1), True)
+    assert not cache  # too long: never cached
