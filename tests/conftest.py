@@ -15,6 +15,7 @@ from broker.server import FrontBroker
 from tests.support.front import FrontFactory, write_users_file
 from tests.support.mosquitto import Mosquitto, start_mosquitto
 from tests.support.pki import Pki, make_pki, pki_directory
+from tests.support.platform import FakePlatform
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,11 @@ def pki() -> Iterator[Pki]:
     """This module's certificates (see tests/support/pki.py), in a folder Mosquitto can read."""
     with pki_directory() as folder:
         yield make_pki(folder)
+
+
+@pytest.fixture
+async def platform() -> AsyncIterator[FakePlatform]:
+    """A platform stand-in (aiohttp, FlowFuse's semantics, both API styles) on a free port."""
+    fake = await FakePlatform().start()
+    yield fake
+    await fake.stop()

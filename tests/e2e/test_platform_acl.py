@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import jwt as pyjwt
 import pytest
@@ -48,13 +47,6 @@ from tests.support.raw_client import Msg, connect_ok, topics
 PA = "project:team1:pa"
 TTL = 0.4  # cache_ttl and negative_cache_ttl of the TTL tests: long enough for a few round trips
 PB = "project:team1:pb"
-
-
-@pytest.fixture
-async def platform() -> AsyncIterator[FakePlatform]:
-    fake = await FakePlatform().start()
-    yield fake
-    await fake.stop()
 
 
 def mine(msgs: list[Msg], marker: str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +42,6 @@ from tests.support.raw_client import connect_ok, topics
 
 PROJECT = "project:team1:pa"
 SHORT = 0.25  # auth.http.timeout of the tests that wait for it
-
-
-@pytest.fixture
-async def platform() -> AsyncIterator[FakePlatform]:
-    fake = await FakePlatform().start()
-    yield fake
-    await fake.stop()
 
 
 # -- allow and deny ---------------------------------------------------------------------------------------

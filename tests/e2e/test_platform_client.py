@@ -30,13 +30,6 @@ PROJECT = "project:team1:p1"
 
 
 @pytest.fixture
-async def platform() -> AsyncIterator[FakePlatform]:
-    fake = await FakePlatform().start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
 async def make_client(platform: FakePlatform) -> AsyncIterator[Make]:
     """``await make_client(style="emqx", **auth_http)`` -> a started client of ``platform``."""
     clients: list[PlatformClient] = []

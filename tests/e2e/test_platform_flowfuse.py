@@ -10,7 +10,6 @@ mountpoint ``ff/v1/<team>/c/`` for ``<name>@<team>`` (emqx style only: the mount
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -33,13 +32,6 @@ from tests.support.raw_client import Msg, connect_ok, topics
 
 PA, PB, PC = "project:team1:pa", "project:team1:pb", "project:team2:pc"
 ALICE, BOB, CAROL = "alice@team1", "bob@team2", "carol@team1"
-
-
-@pytest.fixture
-async def platform() -> AsyncIterator[FakePlatform]:
-    fake = await FakePlatform().start()
-    yield fake
-    await fake.stop()
 
 
 def mine(msgs: list[Msg], marker: str) -> list[str]:

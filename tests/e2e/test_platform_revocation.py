@@ -4,8 +4,6 @@ disconnects the identity and drops every cached decision of it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from broker.mqtt.packets import PacketType, decode_disconnect
@@ -18,13 +16,6 @@ from tests.support.raw_client import connect_ok, topics
 
 ALICE, CAROL = "alice@team1", "carol@team1"
 MOUNT = "ff/v1/team1/c/"
-
-
-@pytest.fixture
-async def platform() -> AsyncIterator[FakePlatform]:
-    fake = await FakePlatform().start()
-    yield fake
-    await fake.stop()
 
 
 @pytest.mark.parametrize("v5", VERSIONS)
