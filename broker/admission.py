@@ -20,6 +20,7 @@ error in the auth path.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from acl.client_ids import client_id_rule
 from acl.engine import AclEngine
 from acl.identity import Identity, parse_identity
 from acl.placeholders import PLACEHOLDER_RE, placeholder_values
+from broker.auth.backoff import LoginBackoff, source_of
 from broker.auth.jwt import JwtVerdict, JwtVerifier
 from broker.auth.platform import PlatformClient
 from broker.auth.platform_acl import PlatformPolicy
@@ -88,6 +90,7 @@ class Admission:
         self.http_config = http_config
         self.jwt = jwt
         self.team_connections: dict[str, int] = {}  # authenticated connections per team, for the team cap
+        self.backoff = LoginBackoff()  # failed logins per source address and username
 
     async def admit(
         self, request: Authenticate, listener: str, transport: ClientTransport | None, peer: str
@@ -115,11 +118,31 @@ class Admission:
         return self._bind(username, client_id, peer)
 
     async def authorize(self, username: str | None, password: bytes | None, client_id: str, peer: str) -> AuthResult:
+        source = source_of(peer)
+        now = time.monotonic()
+        if self.backoff.blocked(source, username, now):
+            # Refused before bcrypt or the platform: a guesser or a flood pays nothing others need.
+            log_event(
+                log,
+                logging.INFO,
+                "connect_refused",
+                peer=peer,
+                user=username,
+                client=client_id,
+                result="limit",
+                reason="too many failed logins: backing off",
+            )
+            return AuthResult(False, busy=True)
         try:
-            return await self._authorize(username, password, client_id, peer)
+            result = await self._authorize(username, password, client_id, peer)
         except Exception:  # fail closed on any error in the auth path
             log.exception("authentication error for %s", peer)
             return AuthResult(False)
+        if result.bad_credentials:
+            self.backoff.failed(source, username, time.monotonic())
+        elif result.ok:
+            self.backoff.succeeded(source, username)
+        return result
 
     async def _authorize(self, username: str | None, password: bytes | None, client_id: str, peer: str) -> AuthResult:
         known_locally = username is not None and username in self.authenticator.users

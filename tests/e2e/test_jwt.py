@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from paho.mqtt.enums import CallbackAPIVersion
 
+from broker.auth.backoff import LoginBackoff
 from broker.mqtt.packets import PacketType, Will, decode_disconnect
 from broker.server import FrontBroker
 from tests.support.front import VERSIONS, FrontFactory, connack_code, front_port, uid
@@ -285,10 +286,12 @@ async def test_refused_tokens(front: FrontBroker, keys: Keys, v5: bool) -> None:
     tokens = dict(refused_tokens(keys))
     assert sorted(tokens) == sorted(REFUSED)
     for name, token in tokens.items():
+        front.admission.backoff = LoginBackoff()  # each refusal on its own here (test_login_backoff: the back-off)
         client, code = await connect_token(port, token, v5, f"{PROJECT}:n")
         assert code == bad_credentials(v5), name
         await client.wait_closed()
         await client.close()
+    front.admission.backoff = LoginBackoff()
     await (await token_ok(port, hs256(), v5, f"{PROJECT}:n")).close()  # positive control
 
 
