@@ -74,7 +74,7 @@ class Control:
     def generation(self) -> int:
         return self._generation
 
-    def admitted(self, conn: ClientConnection, grant: Grant, since: int) -> str | None:
+    def admitted(self, grant: Grant, since: int) -> str | None:
         """A login that began at generation ``since`` and was admitted now: None if it may stay, or why not
         (a reload or revoke ran while its credentials were being checked, and re-evaluation missed it)."""
         if since == self._generation:

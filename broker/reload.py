@@ -55,7 +55,8 @@ def prepare(
     restart = restart_keys(running, new)
     # What cannot change while running stays as it is, so that the process never half-applies it.
     kept = new.model_copy(
-        update={"listeners": _listeners_kept(running, new), "upstream": running.upstream, "metrics": running.metrics}
+        # listeners: the running ones (their TLS files are re-read, same paths, by the TLS reload)
+        update={"listeners": list(running.listeners), "upstream": running.upstream, "metrics": running.metrics}
     )
     for key in ("admin", "inventory"):
         if key in type(new).model_fields:
@@ -72,11 +73,6 @@ def worker_share(config: Config, workers: int) -> Config:
         return config
     share = http.model_copy(update={"max_concurrency": -(-http.max_concurrency // workers)})
     return config.model_copy(update={"auth": config.auth.model_copy(update={"http": share})})
-
-
-def _listeners_kept(running: Config, new: Config) -> list[ListenerConfig]:
-    """The running listeners; their TLS files are re-read (same paths) by the TLS reload."""
-    return list(running.listeners)
 
 
 def restart_keys(running: Config, new: Config) -> list[str]:

@@ -310,7 +310,7 @@ class FrontBroker:
         result = await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
         if result.ok and conn in self.connections:
             grant = self.admission.grant(result, request.client_id, conn.listener)
-            why = self.control.admitted(conn, grant, since)  # a reload or revoke ran while it was checked
+            why = self.control.admitted(grant, since)  # a reload or revoke ran while it was checked
             if why is not None:
                 if result.team is not None:
                     self.admission.release_team(result.team)

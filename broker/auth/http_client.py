@@ -113,7 +113,6 @@ class _Connection(asyncio.Protocol):
         self.size = 0
         self.idle_since = 0.0
         self.lost = False
-        self.inbox: list[bytes] = []  # received, not parsed yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -127,18 +126,15 @@ class _Connection(asyncio.Protocol):
         self.transport.write(conn.send(head) + conn.send(h11.Data(data=request.body)) + conn.send(h11.EndOfMessage()))
 
     def data_received(self, data: bytes) -> None:
-        self.inbox.append(data)
-        self.parse()  # at once: the slot goes to the next request now; the waiter is woken paced
+        self.parse(data)  # at once: the slot goes to the next request now; the waiter is woken paced
 
-    def parse(self, eof: bool = False) -> None:
-        """Read what arrived: an answer completes its request (called by the pool's drain, paced).
+    def parse(self, data: bytes, eof: bool = False) -> None:
+        """Read what arrived: an answer completes its request.
 
         ``eof``: the platform closed the connection cleanly; once what arrived is read, the close is handed to h11,
         which ends a body delimited by it and tells it from an answer cut short."""
-        if not self.inbox and not eof:
+        if not data and not eof:
             return
-        data = self.inbox[0] if len(self.inbox) == 1 else b"".join(self.inbox)
-        self.inbox.clear()
         conn = self.h11
         closed = False  # h11 was told of the close
         try:
@@ -173,7 +169,7 @@ class _Connection(asyncio.Protocol):
             self._fail(HttpError("connection lost" if closed else f"malformed answer: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.parse(eof=exc is None)  # an answer followed by a close (Connection: close) arrives in one turn
+        self.parse(b"", eof=exc is None)  # a body delimited by the close ends here
         self.lost = True
         request, self.request = self.request, None
         self.pool._lost(self)
@@ -305,8 +301,8 @@ class HttpClient:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            # Bytes waiting on an idle connection are not an answer to anything: never reuse it.
-            if not conn.lost and not conn.inbox and now - conn.idle_since < KEEPALIVE_EXPIRY:
+            # (Bytes arriving on an idle connection answer nothing: parse() closes it, so it is lost.)
+            if not conn.lost and now - conn.idle_since < KEEPALIVE_EXPIRY:
                 self._sent[request] = conn
                 conn.send(request)
                 return

@@ -53,15 +53,15 @@ def test_a_login_admitted_across_a_revoke_of_its_identity_or_team_is_refused() -
     try:
         grant = Grant("anonymous", None, "c1", "", team=None)
         since = f.control.generation
-        assert f.control.admitted(None, grant, since) is None  # type: ignore[arg-type]
+        assert f.control.admitted(grant, since) is None
         f.control.revoke(team="team1")
         team1 = Grant("platform", "project:team1:p1", "project:team1:p1", "", team="team1")
         team2 = Grant("platform", "project:team2:p3", "project:team2:p3", "", team="team2")
-        assert f.control.admitted(None, team1, since) == "credentials revoked"  # type: ignore[arg-type]
-        assert f.control.admitted(None, team2, since) is None  # type: ignore[arg-type]
-        assert f.control.admitted(None, team1, f.control.generation) is None  # type: ignore[arg-type]
+        assert f.control.admitted(team1, since) == "credentials revoked"
+        assert f.control.admitted(team2, since) is None
+        assert f.control.admitted(team1, f.control.generation) is None
         f.control.revoke(username="project:team2:p3")
-        assert f.control.admitted(None, team2, since) == "credentials revoked"  # type: ignore[arg-type]
+        assert f.control.admitted(team2, since) == "credentials revoked"
     finally:
         f.authenticator.close()
 
@@ -72,7 +72,7 @@ def test_a_login_admitted_across_a_reload_that_turns_anonymous_off_is_refused() 
         since = f.control.generation
         f.authenticator.allow_anonymous = False
         f.control._generation += 1  # what a reload does
-        assert f.control.admitted(None, Grant("anonymous", None, "c1", ""), since) == "anonymous access turned off"  # type: ignore[arg-type]
+        assert f.control.admitted(Grant("anonymous", None, "c1", ""), since) == "anonymous access turned off"
     finally:
         f.authenticator.close()
 
