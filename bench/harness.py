@@ -99,6 +99,10 @@ class FrontSetup:
     users: list[str] = field(default_factory=list)
     workers: int = 1
     inventory: bool = False  # the topic inventory on (inventory: {})
+    # limits.* on top of the bench defaults. Those turn publish_rate off: a throughput run pushes one client
+    # flat out, past the product default of 10,000 messages/s (bench/fairness.py measures with the defaults).
+    limits: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # a suffix for the config file when several setups differ only in ``limits``
 
 
 def write_users(path: Path, usernames: list[str]) -> None:
@@ -124,14 +128,14 @@ def start_front(workdir: Path, upstream_port: int, setup: FrontSetup) -> tuple[P
             {"name": "ws", "type": "ws", "bind": f"127.0.0.1:{ws_port}", "path": "/mqtt"},
         ],
         "upstream": {"url": f"mqtt://127.0.0.1:{upstream_port}"},
-        "limits": {"max_packet_size": 1048576, "connect_timeout": 30},
+        "limits": {"max_packet_size": 1048576, "connect_timeout": 30, "publish_rate": {"client": None}, **setup.limits},
         "auth": {"users_file": str(users_file), "allow_anonymous": False},
         "acl": {"preset": "flowfuse", "rules": rules},
         "logging": {"level": "warning"},
     }
     if setup.inventory:
         config["inventory"] = {}
-    conf = workdir / f"front-{setup.teams}-{setup.workers}{'-inventory' if setup.inventory else ''}.yaml"
+    conf = workdir / f"front-{setup.teams}-{setup.workers}{'-inventory' if setup.inventory else ''}{setup.name}.yaml"
     conf.write_text(yaml.safe_dump(config))
     exe = Path(sys.executable).with_name("mqtt-front")
     log = open(workdir / "front.log", "ab")  # noqa: SIM115 - lives as long as the process

@@ -37,6 +37,7 @@ from broker.auth.users import Authenticator, username_problem
 from broker.config import AclConfig, HttpAuthConfig
 from broker.edge.tls import TlsContexts, peer_identity
 from broker.logs import log_event
+from broker.ops.auth_metrics import AuthLatency
 from broker.ops.metrics import TeamLabels
 from broker.relay import ClientTransport
 from broker.session import AccessPolicy, Authenticate, AuthResult, CheckAccess
@@ -79,6 +80,7 @@ class Admission:
         platform: PlatformClient | None = None,
         http_config: HttpAuthConfig | None = None,
         jwt: JwtVerifier | None = None,
+        latency: AuthLatency | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.acl = acl
@@ -91,6 +93,7 @@ class Admission:
         self.jwt = jwt
         self.team_connections: dict[str, int] = {}  # authenticated connections per team, for the team cap
         self.backoff = LoginBackoff()  # failed logins per source address and username
+        self.latency = latency if latency is not None else AuthLatency()  # per backend, for the metrics
 
     async def admit(
         self, request: Authenticate, listener: str, transport: ClientTransport | None, peer: str
@@ -152,17 +155,22 @@ class Admission:
             # identity's namespace. To the client it is an unknown user.
             log.warning("unusable username from %s (%s): refused as bad credentials", peer, problem)
             return AuthResult(False, bad_credentials=True)
+        started = time.perf_counter()
         if not known_locally and self.jwt is not None and jwt_token:
-            return self._bind_jwt(self.jwt.verify(username, password), client_id, peer)
+            jwt_verdict = self.jwt.verify(username, password)
+            self.latency.observe("jwt", time.perf_counter() - started)
+            return self._bind_jwt(jwt_verdict, client_id, peer)
         if not known_locally and self.platform is not None and username is not None:
             verdict = await self.platform.authenticate(username, password, client_id)
+            self.latency.observe("http", time.perf_counter() - started)
             if not verdict.ok:
                 # The session logs the connect_refused event; a platform that did not answer is "unavailable".
                 return AuthResult(False, bad_credentials=verdict.reason == "deny", unavailable=verdict.reason != "deny")
             mount = verdict.client_attrs.get(self.http_config.team_attr, "") if self.http_config else ""
             superuser = verdict.superuser and self.http_config is not None and self.http_config.honor_superuser
             return self._bind(username, client_id, peer, mount=mount, superuser=superuser)
-        verdict_local = await self.authenticator.check(username, password)
+        verdict_local = await self.authenticator.check(username, password, source_of(peer))
+        self.latency.observe("users_file" if username is not None else "anonymous", time.perf_counter() - started)
         if not verdict_local.ok:
             return AuthResult(False, bad_credentials=verdict_local.bad_credentials, busy=verdict_local.busy)
         return self._bind(username, client_id, peer)

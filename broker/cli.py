@@ -1,7 +1,8 @@
-"""The ``mqtt-front`` command: run, check, passwd, acl explain, ctl, reload.
+"""The ``mqtt-front`` command: run, check, schema, passwd, acl explain, ctl, reload.
 
 The parser, ``run`` and ``passwd`` live here; ``check`` (and ``--probe``) in :mod:`broker.cli_check`, ``acl explain``
-in :mod:`broker.cli_explain`, ``ctl`` and ``reload`` (the admin API, or a pid file) in :mod:`broker.cli_ctl`.
+in :mod:`broker.cli_explain`, ``ctl`` and ``reload`` (the admin API, or a pid file) in :mod:`broker.cli_ctl`,
+``users`` (the users file edited in place) in :mod:`broker.cli_users`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 
 from broker import __version__
+from broker.cli_users import add_users_parser, bcrypt_cost
 from broker.config import Config, ConfigError, load_config, parse_hostport
 from broker.logs import JsonFormatter, log_event
 from broker.reload import worker_share
@@ -96,10 +98,15 @@ async def _serve(
         except OSError as exc:
             await front.stop()
             raise ConfigError(f"cannot write --pid-file {pid_file}: {exc.strerror or exc}") from None
-    log_event(log, logging.INFO, "ready", version=__version__, pid=os.getpid())
+    ready, why = await front.readiness.check()  # the upstream probed once: a dead one is said at once
+    if ready:
+        log_event(log, logging.INFO, "ready", version=__version__, pid=os.getpid())
+    else:
+        log_event(log, logging.WARNING, "not_ready", version=__version__, pid=os.getpid(), reason=why)
     await stop.wait()
-    log.info("stopping")
-    await front.stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second one during the drain ends it at once
+        loop.add_signal_handler(sig, front.hurry_drain)
+    await front.drain()  # within limits.shutdown_timeout (README "Stopping: the drain")
 
 
 def _raise_fd_limit() -> None:
@@ -147,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mqtt-front: {exc}", file=sys.stderr)
         return 1
-    if workers > 1 and config.upstream is None:
+    if workers > 1 and (config.upstream is None or config.upstream.embedded):
         print("mqtt-front: --workers > 1 needs an upstream (the embedded broker lives in one process)", file=sys.stderr)
         return 1
     if config.admin is not None:
@@ -198,6 +205,7 @@ def _run_workers(config: Config, workers: int, config_path: str, pid_file: str |
             workers,
             lambda index: _run_loop(config, reuse_port=True, config_path=config_path, workers=workers),
             started,
+            shutdown_timeout=config.limits.shutdown_timeout,
         )
     # Metrics and the admin API of all workers served as one: each worker answers on unix sockets,
     # this process serves metrics.bind and admin.bind from all of them.
@@ -217,10 +225,13 @@ def _run_workers(config: Config, workers: int, config_path: str, pid_file: str |
             if admin is not None:
                 key = "admin.bind"
                 sockets = [os.path.join(run_dir, f"worker-{i}-admin.sock") for i in range(workers)]
-                stack.callback(serve_worker_admin(parse_hostport(admin.bind), sockets, admin_token(admin)))
+                timeout = config.limits.shutdown_timeout
+                stack.callback(serve_worker_admin(parse_hostport(admin.bind), sockets, admin_token(admin), timeout))
                 admin_sockets = list(sockets)
         except OSError as exc:
-            print(f"mqtt-front: cannot listen on {key}: {exc.strerror or exc}", file=sys.stderr)
+            from broker.edge.listeners import bind_reason
+
+            print(f"mqtt-front: cannot listen on {key}: {bind_reason(exc)}", file=sys.stderr)
             return 1
         return run_workers(
             workers,
@@ -228,6 +239,7 @@ def _run_workers(config: Config, workers: int, config_path: str, pid_file: str |
                 config, True, ops_sockets[index], config_path, admin_socket=admin_sockets[index], workers=workers
             ),
             started,
+            shutdown_timeout=config.limits.shutdown_timeout,
         )
 
 
@@ -235,6 +247,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     from broker.cli_check import check
 
     return check(_load(args.config), args.config, probe=args.probe)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The configuration's JSON Schema, for editors (yaml-language-server's ``# yaml-language-server: $schema=``)."""
+    import json
+
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Config.model_json_schema()}
+    print(json.dumps(schema, indent=2))
+    return 0
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -300,17 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check)
 
+    schema = sub.add_parser("schema", help="print the configuration's JSON Schema (for editors and CI checks)")
+    schema.set_defaults(func=cmd_schema)
+
     passwd = sub.add_parser("passwd", help="hash a password read from stdin (for auth.users_file)")
     passwd.add_argument("--generate", choices=["project", "device", "platform"], help="generate a FlowFuse-style token")
-    passwd.add_argument("--cost", type=int, default=10, help="bcrypt cost (FlowFuse uses 10)")
+    passwd.add_argument("--cost", type=bcrypt_cost, default=10, help="bcrypt cost 4..31 (FlowFuse uses 10)")
     passwd.set_defaults(func=cmd_passwd)
+    add_users_parser(sub)
 
     acl = sub.add_parser("acl", help="access-control tools")
     acl_sub = acl.add_subparsers(dest="acl_command", required=True)
     explain = acl_sub.add_parser(
         "explain",
-        help="show whether a user may publish/subscribe/receive, which rule (or the platform) decides, and the "
-        "upstream topic under a mountpoint (exit 0 allow, 2 deny, 3 the platform decides but was not asked)",
+        help="show whether run would accept the CONNECT (login, client id, will) and let it publish/subscribe/"
+        "receive, which rule (or the platform) decides, and the upstream topic under a mountpoint (exit 0 allow, "
+        "2 deny or CONNECT refused, 3 the platform decides but was not asked)",
     )
     explain.add_argument("-c", "--config", required=True)
     explain.add_argument("--user", default="", help="MQTT username (empty = anonymous)")
@@ -320,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--subscribe", metavar="FILTER")
     group.add_argument("--receive", metavar="TOPIC", help="a delivery of a message published on TOPIC")
     explain.add_argument("--retain", action="store_true", help="with --publish: a retained message")
+    explain.add_argument("--will", metavar="TOPIC", help="the CONNECT carries a will on TOPIC: is it allowed?")
+    explain.add_argument("--will-retain", action="store_true", help="with --will: a retained will")
     explain.add_argument(
         "--ask-platform",
         action="store_true",
@@ -368,6 +396,9 @@ def _add_ctl_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     topics.add_argument("--json", action="store_true")
     reload_ = ctl_sub.add_parser("reload", help="reload the configuration (POST /api/v1/reload)")
     reload_.add_argument("--json", action="store_true")
+    ctl_sub.add_parser(
+        "drain", help="stop as on SIGTERM: no new connections, the sessions finish, then exit (POST /api/v1/drain)"
+    )
     ctl.set_defaults(func=cmd_ctl)
 
     reload = sub.add_parser(

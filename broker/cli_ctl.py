@@ -241,6 +241,14 @@ def _reload(client: AdminClient, args: argparse.Namespace) -> int:
     return print_reload(status, body, args.json)
 
 
+def _drain(client: AdminClient, args: argparse.Namespace) -> int:
+    _, body = client.request("POST", "/drain")
+    timeout = body.get("shutdown_timeout") if isinstance(body, dict) else None
+    within = f" within {timeout} s" if timeout is not None else ""
+    print(f"draining: no new connections; the sessions finish and the process exits{within}")
+    return EXIT_OK
+
+
 COMMANDS = {
     "clients": _clients,
     "client": _client,
@@ -248,6 +256,7 @@ COMMANDS = {
     "revoke": _revoke,
     "topics": _topics,
     "reload": _reload,
+    "drain": _drain,
 }
 
 

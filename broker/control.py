@@ -25,6 +25,7 @@ from broker.auth.platform_acl import PlatformPolicy
 from broker.auth.users import Authenticator
 from broker.config import AclConfig, Config, ConfigError
 from broker.edge.tls import TlsContexts
+from broker.limits import Limits, apply_budgets
 from broker.logs import log_event
 from broker.mqtt.reasons import DisconnectReason
 from broker.ops.metrics import Metrics
@@ -53,6 +54,7 @@ class ControlledFront(Protocol):
     upstream: UpstreamConnector
     metrics: Metrics
     session_settings: SessionSettings
+    limits: Limits
     inventory: Inventory | None
 
     def reload(self) -> bool:
@@ -99,6 +101,7 @@ class Control:
         async with self._reloading:
             if self.front.config_path is None:
                 ok = self.front.reload()
+                self.front.metrics.reloaded(ok)
                 return {"ok": ok, "changed": [], "restart_needed": [], "error": None if ok else "see the log"}
             try:
                 prepared = prepare(
@@ -107,6 +110,7 @@ class Control:
                 platform = await self._platform_for(prepared.config)
             except ConfigError as exc:
                 log_event(log, logging.ERROR, "config_reload_failed", file=self.front.config_path, reason=str(exc))
+                self.front.metrics.reloaded(False)
                 return {"ok": False, "changed": [], "restart_needed": [], "error": str(exc)}
             changes = prepared.changes
             if platform is not self.front.platform and not any(c.startswith("auth.http") for c in changes):
@@ -114,6 +118,7 @@ class Control:
             # Certificates are re-read in place: one that cannot be read keeps the old one (and logs it).
             tls_ok = self.front.tls.reload()
             self._swap(prepared, platform)
+            self.front.metrics.reloaded(tls_ok, prepared.config.upstream if prepared.upstream_tls is not None else None)
             self._generation += 1
             outcome = self.reevaluate()
             if not changes and not any(outcome.values()):
@@ -180,7 +185,8 @@ class Control:
         admission.max_per_team = config.limits.max_connections_per_team
         if prepared.upstream_tls is not None:
             self.front.upstream.replace_context(prepared.upstream_tls)
-        self.front.session_settings.max_packet_size = config.limits.max_packet_size  # new sessions
+        apply_budgets(self.front.session_settings, config.limits)  # new sessions
+        self.front.limits.configure(config.limits)
         self.front.session_settings.disconnect_on_deny = config.acl.deny_action == "disconnect"
         self.front.config = config
         apply_logging(config)

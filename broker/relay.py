@@ -15,24 +15,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
-from broker.logs import format_peer
+from broker.linger import Linger, abort
+from broker.logs import format_peer, log_event
 from broker.mqtt.reasons import DisconnectReason
+from broker.pacing import LOGINS
 from broker.session import (
     AccessPolicy,
     Authenticate,
     AuthResult,
     CheckAccess,
     Close,
+    Continue,
     OpenUpstream,
+    RateCheck,
     Session,
     SessionSettings,
     State,
 )
+from broker.session.ratelimit import PublishLimiter
 
 log = logging.getLogger("mqtt_front.connection")
 
@@ -83,50 +87,18 @@ class ConnectionHost(Protocol):
     def upstream_failed(self, exc: BaseException) -> None:
         """A client is refused because ``open_upstream`` raised ``exc`` (for logs and metrics)."""
 
+    def upstream_dropped(self) -> None:
+        """An established upstream connection was closed by the upstream (or the network), not by us."""
+
     def connection_closed(self, conn: ClientConnection, reason: str, duration: float) -> None:
         """The connection is gone; its session's counters are final."""
 
+    def publish_limiter(self, team: str | None) -> PublishLimiter | None:
+        """The publish rate limits of a client just admitted for ``team`` (None: none apply)."""
 
-class TurnPacer:
-    """Runs callbacks in order, at most ``per_turn`` per turn of the event loop.
-
-    A burst of new logins (a thousand CONNECTs read at once after an outage) would otherwise start all
-    their authentications in one loop turn, each costing tens of microseconds, while the platform's
-    answers to the first of them and other clients' packets wait for the next poll. Paced, the loop
-    polls its sockets between two batches.
-    """
-
-    def __init__(self, per_turn: int = 16) -> None:
-        self.per_turn = per_turn
-        self._queue: deque[Callable[[], None]] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop a run is scheduled on (None: none)
-
-    def submit(self, callback: Callable[[], None]) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._loop is not None:  # left over from a loop that is gone (tests run one per test)
-                self._queue.clear()
-            self._loop = loop
-            loop.call_soon(self._run)
-        self._queue.append(callback)
-
-    def _run(self) -> None:
-        queue = self._queue
-        try:
-            for _ in range(min(self.per_turn, len(queue))):
-                try:
-                    queue.popleft()()
-                except Exception:  # one login's failure must not stall the others
-                    log.exception("starting an authentication failed")
-        finally:
-            if queue and self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon(self._run)
-            else:
-                self._loop = None
-
-
-LOGINS = TurnPacer()
-"""Authentications started per loop turn (one event loop per process)."""
+    @property
+    def rate_disconnects(self) -> bool:
+        """limits.publish_rate.action: True disconnects a client over its rate, False pauses its reading."""
 
 
 def _join(parts: list[bytes]) -> bytes:
@@ -157,6 +129,12 @@ class ClientConnection(asyncio.Protocol):
         self._swept_reads = -1
         self._closed = False
         self._team_slot: str | None = None  # counted against limits.max_connections_per_team
+        self._draining = False  # the process stops (drain): the session finishes, then both sides linger
+        self._drain_reads = 0  # ``reads`` at the last drain tick: unchanged means the client was quiet
+        self._linger: Linger | None = None
+        self.limiter: PublishLimiter | None = None  # limits.publish_rate, charged at the session's RateChecks
+        self._throttled = False  # reading stopped until the rate limit's tokens refill
+        self._throttle_logged = 0.0  # when the last publish_rate log line for this connection was written
 
     # ------------------------------------------------------------ client transport events
 
@@ -180,6 +158,44 @@ class ClientConnection(asyncio.Protocol):
         assert session is not None
         session.receive_client(data)
         self._pump()
+
+    def _rate_check(self) -> None:
+        """The session's RateCheck: charge what the client sent since the last one; let it go on at once, or
+        once the tokens refill (or disconnect it: limits.publish_rate.action)."""
+        session = self.session
+        assert session is not None
+        limiter = self.limiter
+        if limiter is None:
+            session.allow_publishes(1 << 40, 1 << 40)
+            return
+        stats = session.stats
+        wait = limiter.charge(stats.msgs_in, stats.bytes_in, time.monotonic())
+        if wait <= 0:
+            self._allow_publishes()
+            return
+        session.stats.limit_hit("publish_rate")
+        now = time.monotonic()
+        if now - self._throttle_logged >= 60.0:  # one line a minute per connection, however hard it pushes
+            self._throttle_logged = now
+            action = "disconnect" if self.host.rate_disconnects else "pause"
+            fields = {"peer": self.peer, "user": session.username, "limit": "publish_rate", "action": action}
+            log_event(log, logging.INFO, "limit_exceeded", **fields)
+        if self.host.rate_disconnects:
+            session.disconnect(DisconnectReason.MESSAGE_RATE_TOO_HIGH, "message rate too high")
+            return
+        self._throttled = True  # the session holds the client's bytes meanwhile; its reading is paused
+        asyncio.get_running_loop().call_later(wait, self._rate_refilled)
+
+    def _rate_refilled(self) -> None:
+        self._throttled = False
+        if self.session is not None and not self._closed:
+            self._allow_publishes()
+            self._pump()
+
+    def _allow_publishes(self) -> None:
+        assert self.session is not None and self.limiter is not None
+        messages, size = self.limiter.allowance(time.monotonic())
+        self.session.allow_publishes(messages, size)
 
     def eof_received(self) -> bool | None:
         self._shutdown("client closed the connection")
@@ -209,8 +225,11 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self._closed or self.session is None:
+            if self._linger is not None:
+                self._linger.closed("upstream")
             return
         self.upstream = None
+        self.host.upstream_dropped()
         self.session.upstream_failed("connection lost" if exc is None else str(exc))
         self._pump()
 
@@ -229,32 +248,45 @@ class ClientConnection(asyncio.Protocol):
         session = self.session
         if session is None or self._closed:
             return
-        out = session.data_to_upstream()
-        if out and self.upstream is not None:
-            self.upstream.write(_join(out))
-        out = session.data_to_client()
-        if out:
-            assert self.transport is not None
-            self.transport.write(_join(out))
-        actions = session.take_actions()
-        for action in actions:
-            if isinstance(action, Close):
-                self._shutdown(action.reason)
-                return
-            if isinstance(action, Authenticate):
-                self._cancel_timer()
-                LOGINS.submit(partial(self._start_authentication, action))
-            elif isinstance(action, OpenUpstream):
-                self._spawn(self._open_upstream())
-            elif isinstance(action, CheckAccess):
-                self._spawn(self._check_access(action))
+        again = True
+        while again:  # a RateCheck answered at once lets the session go on: its new output goes out too
+            again = False
+            out = session.data_to_upstream()
+            if out and self.upstream is not None:
+                self.upstream.write(_join(out))
+            out = session.data_to_client()
+            if out:
+                assert self.transport is not None
+                self.transport.write(_join(out))
+            for action in session.take_actions():
+                if isinstance(action, Close):
+                    self._shutdown(action.reason)
+                    return
+                if isinstance(action, Authenticate):
+                    self._cancel_timer()
+                    LOGINS.submit(partial(self._start_authentication, action))
+                elif isinstance(action, OpenUpstream):
+                    self._spawn(self._open_upstream())
+                elif isinstance(action, CheckAccess):
+                    self._spawn(self._check_access(action))
+                elif isinstance(action, Continue):
+                    asyncio.get_running_loop().call_soon(self._continue)
+                elif isinstance(action, RateCheck):
+                    self._rate_check()
+                    again = True
         self._sync_reading()
+
+    def _continue(self) -> None:
+        """A read that spent its work budget goes on, after the other connections had their turn."""
+        if self.session is not None and not self._closed:
+            self.session.continue_client()
+            self._pump()
 
     def _sync_reading(self) -> None:
         session = self.session
         if self.transport is None or session is None or self._closed:
             return
-        pause = self._upstream_full or self._client_full or not session.reading_client
+        pause = self._upstream_full or self._client_full or self._throttled or not session.reading_client
         if pause != self._read_paused:
             self._read_paused = pause
             if pause:
@@ -288,6 +320,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if result.ok and result.team is not None:
             self._team_slot = result.team
+        if result.ok:
+            self.limiter = self.host.publish_limiter(result.team)
+            if self.limiter is not None:
+                self._allow_publishes()
         if result.ok and result.expires_at is not None:
             delay = max(0.0, result.expires_at - time.time())
             self._expiry = asyncio.get_running_loop().call_later(delay, self._credentials_expired)
@@ -380,8 +416,10 @@ class ClientConnection(asyncio.Protocol):
             self._pump()
 
     def server_shutdown(self) -> None:
-        """The process is stopping: the session says so to the client, then both sides close."""
-        if self.session is not None and not self._closed:
+        """The process is stopping now (no drain): the session says so to the client, then both sides close."""
+        if self._closed:
+            return
+        if self.session is not None:
             self.session.server_shutdown()
             self._pump()
         self._shutdown("server shutting down")
@@ -392,8 +430,10 @@ class ClientConnection(asyncio.Protocol):
             self._timer = None
 
     def _shutdown(self, reason: str) -> None:
-        """Close both sides; nothing of this connection outlives it."""
+        """Close both sides; nothing of this connection outlives it. While draining, both linger first."""
         if self._closed:
+            if self._linger is not None:  # once closed, only the client's EOF or loss gets here
+                self._linger.closed("client")
             return
         self._closed = True
         if self._team_slot is not None:
@@ -412,11 +452,47 @@ class ClientConnection(asyncio.Protocol):
             out = session.data_to_upstream()
             if out and self.upstream is not None:
                 self.upstream.write(_join(out))
+        for task in self._tasks:
+            task.cancel()
+        if self._draining:  # no reset: both sides half-closed and read until their peers close
+            up, told = self.upstream, session is not None and session.v5  # v5: DISCONNECT sent, the upstream closes
+            self._linger = Linger(self.transport, up, told, lambda: self.reads, lambda: self._gone(reason))
+            return
         if self.transport is not None:
             self.transport.close()  # flushes what is buffered, then closes
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
-        for task in self._tasks:
-            task.cancel()
+        self._gone(reason)
+
+    def _gone(self, reason: str) -> None:
+        self.upstream = None
         self.host.connection_closed(self, reason, time.monotonic() - self._started)
+
+    def drain(self, step: Literal["start", "tick", "expire"], reading_over: bool = False) -> None:
+        """The process stops: "start" (``Session.start_drain``), then "tick" every few tens of milliseconds
+        until the connection is gone, "expire" when the time is nearly up; ``abort`` at the deadline."""
+        session = self.session
+        if session is None or self._closed:
+            return
+        if step == "start":
+            if not self._draining:
+                self._draining, self._drain_reads = True, self.reads
+                session.start_drain()
+        elif step == "tick":
+            quiet = self.reads == self._drain_reads and not self._read_paused  # paused: we stopped reading it
+            self._drain_reads = self.reads
+            session.drain_tick(quiet, reading_over)
+        else:
+            self._draining = True
+            session.drain_expired()
+        self._pump()
+
+    def abort(self) -> None:
+        """The drain's deadline: both sides dropped now, whatever is still unsent or unread."""
+        if not self._closed:
+            upstream, self._draining = self.upstream, False
+            self._shutdown("server shutting down (drain timed out)")
+            abort(self.transport, upstream)
+        elif self._linger is not None:
+            self._linger.abort()

@@ -10,6 +10,7 @@ connection: it passes each question on to the part that decides it. Protocol dec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -21,8 +22,9 @@ from broker.auth.platform import PlatformClient
 from broker.auth.users import Authenticator, load_users
 from broker.config import AclConfig, Config, ConfigError, parse_hostport
 from broker.control import Control
-from broker.edge.listeners import start_listener
+from broker.edge.listeners import bind_failure, bind_reason, start_listener
 from broker.edge.tls import TlsContexts
+from broker.limits import Limits, apply_budgets
 from broker.logs import log_event
 from broker.ops.admin import AdminServer
 from broker.ops.admin_access import admin_token
@@ -31,12 +33,19 @@ from broker.ops.metrics import Metrics
 from broker.relay import ClientConnection
 from broker.session import Authenticate, AuthResult, CheckAccess, SessionSettings
 from broker.session.inventory import Inventory
+from broker.session.ratelimit import PublishLimiter
 from broker.upstream.connector import UpstreamConnector
-from broker.upstream.embedded import EmbeddedBroker
+from broker.upstream.embedded import EmbeddedBroker, embedded_broker, embedded_problem, start_embedded, wants_embedded
 
 log = logging.getLogger("mqtt_front.server")
 KEEP_ALIVE_SWEEP = 0.5  # seconds between two keep-alive sweeps: a silent client goes within 1.5 x + 0.5 s
 RECHECK_MIN = 10.0  # seconds between two re-checks of the subscriptions with the platform, at least
+# The drain (SIGTERM): every DRAIN_TICK each session is asked whether it is done; a client's new publishes are
+# taken for at most DRAIN_READ of limits.shutdown_timeout (at most DRAIN_READ_MAX s), every session is ended at
+# DRAIN_FORCE of it, acknowledged or not, and what still lingers is dropped at the timeout itself.
+DRAIN_TICK = 0.05
+DRAIN_READ, DRAIN_READ_MAX = 0.1, 0.5  # long enough for what was on its way at the signal
+DRAIN_FORCE = 0.8
 
 
 def build_acl(config: AclConfig) -> AclEngine:
@@ -105,14 +114,27 @@ class FrontBroker:
             disconnect_on_deny=config.acl.deny_action == "disconnect",
             inventory=self.inventory,
         )
+        apply_budgets(self.session_settings, config.limits)
+        self.limits = Limits(config.limits)  # publish and connect rates
         self.connections: set[ClientConnection] = set()
         self.grants: dict[ClientConnection, Grant] = {}  # how each admitted session got in, for reloads
+        # No upstream: the embedded broker (demo only), Mosquitto or amqtt, chosen now and started by start().
+        # The front broker logs in to it with the per-start credential that only it knows.
         self.embedded: EmbeddedBroker | None = None
+        if wants_embedded(config):
+            problem = embedded_problem(config)  # a non-loopback listener without upstream: {embedded: true}
+            if problem is not None:
+                raise ConfigError(problem)
+            self.embedded = embedded_broker()
+            self.session_settings.upstream_v5 = self.embedded.v5
+            self.session_settings.upstream_username = self.embedded.credential.username
+            self.session_settings.upstream_password = self.embedded.credential.password
         self.upstream: UpstreamConnector
         self.bound: dict[str, tuple[str, int]] = {}
         self._servers: list[asyncio.Server] = []
         ops = config.metrics
         self.metrics = Metrics(ops.max_teams if ops else 1000, [item.name for item in config.listeners])
+        self.metrics.watch_edge(self.tls, config)  # refused handshakes, certificate expiry
         http = config.auth.http
         # The platform client (auth.http) and the JWT keys load here: a ConfigError comes before anything listens.
         self.platform = PlatformClient(http) if http is not None else None
@@ -127,18 +149,21 @@ class FrontBroker:
             platform=self.platform,
             http_config=http,
             jwt=self.jwt,
+            latency=self.metrics.auth_latency,
         )
         self.control = Control(self, build_acl)  # reload, revoke, kick, list: what operators do while it runs
         self.readiness = Readiness(self, ops.ready_window, ops.probe_interval) if ops else Readiness(self)
         self.ops: OpsServer | None = None  # the /metrics, /healthz, /readyz endpoint when metrics.bind is set
+        self.draining = False  # SIGTERM (drain): no new connections, /readyz 503
+        self._hurry = asyncio.Event()  # a second SIGTERM: end the drain now
+        self._stopped = False
 
     async def start(self) -> None:
         up = self.config.upstream
-        if up is None:
-            self.embedded = EmbeddedBroker()
-            await self.embedded.start()
-            self.upstream = UpstreamConnector.single(self.embedded.host, self.embedded.port, 5.0, "embedded amqtt")
+        if self.embedded is not None:
+            self.upstream = await start_embedded(self.embedded, up.connect_timeout if up is not None else 5.0)
         else:
+            assert up is not None
             # Loads upstream.tls files: a ConfigError here comes before anything listens.
             self.upstream = UpstreamConnector.from_config(up)
         self.metrics.watch(self.connections, self.upstream)
@@ -156,7 +181,7 @@ class FrontBroker:
                 )
         except OSError as exc:
             await self.stop()
-            raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
+            raise ConfigError(bind_failure(self.config.listeners, listener, exc)) from None
         log_event(log, logging.INFO, "forwarding", upstream=self.upstream.label)
         self.tls.start()  # reload certificates when their files change
         await self._start_ops()
@@ -196,7 +221,7 @@ class FrontBroker:
         admin = self.config.admin
         if admin is None or self._admin_token is None:
             return
-        self.admin = AdminServer(self.control, self._admin_token)
+        self.admin = AdminServer(self.control, self._admin_token, self.config.limits.shutdown_timeout)
         if self.admin_socket is not None:
             await self.admin.start_unix(self.admin_socket)
             return
@@ -205,12 +230,12 @@ class FrontBroker:
             await self.admin.start(host, port)
         except OSError as exc:
             await self.stop()
-            raise ConfigError(f"cannot listen on admin.bind: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot listen on admin.bind {admin.bind}: {bind_reason(exc)}") from None
 
     async def _start_ops(self) -> None:
         ops = self.config.metrics
         address = ops.host_port if ops is not None else None
-        if address is None:
+        if ops is None or address is None:
             return
         self.ops = OpsServer(self.metrics.registry, self.readiness)
         if self.ops_socket is not None:
@@ -220,7 +245,7 @@ class FrontBroker:
             host, port = await self.ops.start(address[0], address[1], self.reuse_port)
         except OSError as exc:
             await self.stop()
-            raise ConfigError(f"cannot listen on metrics.bind: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot listen on metrics.bind {ops.bind}: {bind_reason(exc)}") from None
         log_event(log, logging.INFO, "ops_listening", url=f"http://{host}:{port}", paths="/metrics /healthz /readyz")
 
     @property
@@ -257,7 +282,47 @@ class FrontBroker:
                 log_event(log, logging.INFO, "config_reloaded", file="auth.jwt")
         return self.tls.reload() and users_ok and jwt_ok
 
+    async def drain(self, timeout: float | None = None) -> None:
+        """SIGTERM, ``ctl drain``: stop accepting, /readyz 503, let every session finish what its client sent
+        (see :mod:`broker.session.drain`), all within ``timeout`` (``limits.shutdown_timeout``); then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.config.limits.shutdown_timeout if timeout is None else timeout
+        for server in self._servers:
+            server.close()  # new connections are refused from now on
+        started = time.monotonic()
+        log_event(log, logging.INFO, "draining", connections=len(self.connections), timeout=timeout)
+        read_window = min(DRAIN_READ_MAX, DRAIN_READ * timeout)
+        for conn in list(self.connections):
+            conn.drain("start")
+        while self.connections and not self._hurry.is_set() and time.monotonic() - started < DRAIN_FORCE * timeout:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), DRAIN_TICK)
+            reading_over = time.monotonic() - started >= read_window
+            for conn in list(self.connections):  # none joins: connection_opened refuses while draining
+                conn.drain("tick", reading_over)
+        unfinished = [conn for conn in self.connections if conn.session is not None and not conn.session.closed]
+        for conn in unfinished:
+            conn.drain("expire")
+        while self.connections and not self._hurry.is_set() and time.monotonic() - started < timeout:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), DRAIN_TICK)
+        aborted = len(self.connections)
+        for conn in list(self.connections):
+            conn.abort()
+        took = round(time.monotonic() - started, 3)
+        log_event(log, logging.INFO, "drained", seconds=took, forced=len(unfinished), aborted=aborted)
+        await self.stop()
+
+    def hurry_drain(self) -> None:
+        """A second SIGTERM/SIGINT during the drain: end every session now."""
+        self._hurry.set()
+
     async def stop(self) -> None:
+        if self._stopped:  # after a drain, or twice
+            return
+        self._stopped = True
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
@@ -300,10 +365,25 @@ class FrontBroker:
     def connection_opened(self, conn: ClientConnection) -> str | None:
         self.connections.add(conn)
         self.metrics.connection_opened(conn.listener)
+        if self.draining:  # accepted just before the listeners closed
+            return "server shutting down"
         limit = self.config.limits.max_connections
         if limit is not None and len(self.connections) > limit:
-            return f"max_connections ({limit}) reached"
-        return None
+            refusal: str | None = f"max_connections ({limit}) reached"
+            hit = "max_connections"
+        else:
+            refusal = self.limits.connection_refused(conn.peer)
+            hit = "connect_rate"
+        if refusal is not None and conn.session is not None:
+            conn.session.stats.limit_hit(hit)
+        return refusal
+
+    def publish_limiter(self, team: str | None) -> PublishLimiter | None:
+        return self.limits.publish_limiter(team)
+
+    @property
+    def rate_disconnects(self) -> bool:
+        return self.limits.disconnect_over_rate
 
     async def admit(self, request: Authenticate, conn: ClientConnection) -> AuthResult:
         since = self.control.generation
@@ -339,6 +419,9 @@ class FrontBroker:
 
     def upstream_failed(self, exc: BaseException) -> None:
         self.upstream.failed(exc)
+
+    def upstream_dropped(self) -> None:
+        self.readiness.upstream_dropped()  # /readyz probes again: is the upstream still there?
 
     def connection_closed(self, conn: ClientConnection, reason: str, duration: float) -> None:
         self.connections.discard(conn)

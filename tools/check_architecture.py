@@ -38,18 +38,23 @@ from pathlib import Path
 # belong to the package's component.
 LAYERS: list[tuple[str, ...]] = [
     ("broker.cli",),
-    # The subcommands broker.cli hands over to (check and its probe, acl explain, ctl and reload): independent
+    # The subcommands broker.cli hands over to (check and its probe, acl explain, ctl and reload, users): independent
     # of each other.
-    ("broker.cli_check", "broker.cli_explain", "broker.cli_ctl"),
+    ("broker.cli_check", "broker.cli_explain", "broker.cli_ctl", "broker.cli_users"),
+    # acl explain's CONNECT half: what run would answer a CONNECT (described, no I/O).
+    ("broker.cli_explain_connect",),
     ("broker.server",),
     # What operators do to a running process (reload, revoke, kick, list); the admin API serves it.
     ("broker.control",),
     # A configuration reload prepared in full (and described) before the server swaps anything.
     ("broker.reload",),
-    ("broker.admission",),
+    # Who gets in (admission) and what the limits.* keys do at run time: independent of each other.
+    ("broker.admission", "broker.limits"),
     ("broker.ops",),
     ("broker.edge",),
     ("broker.relay", "broker.upstream", "broker.auth"),
+    # Small I/O helpers of the relay: closing without a reset (the drain), paced login starts.
+    ("broker.linger", "broker.pacing"),
     ("broker.session",),
     # The shared leaves may be imported from anywhere above broker.mqtt and may import only broker.mqtt,
     # acl, the stdlib and third-party libraries.

@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import secrets
+import stat
+import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import bcrypt
 import yaml
 
 from acl.identity import FORM_HEADS, is_recognised
+from broker.auth.fair_queue import FairQueue
 from broker.config import ConfigError, safe_load
 
 log = logging.getLogger("mqtt_front.auth")
@@ -76,16 +83,28 @@ def username_problem(username: str) -> str | None:
 # Token prefixes FlowFuse uses for generated credentials.
 TOKEN_PREFIXES = {"project": "ffbp_", "device": "ffbd_", "platform": "ffbpl_"}
 
-# Compared against when the user is unknown, so that timing does not reveal which names exist.
-_DUMMY_HASH = bcrypt.hashpw(b"not-a-real-password", bcrypt.gensalt(rounds=10))
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    """Compared against when the user is unknown, so that timing does not reveal which names exist.
+
+    Made once, when the first Authenticator is built (not at import: every ``mqtt-front`` command imports
+    this module, and a cost-10 hash takes tens of milliseconds)."""
+    return bcrypt.hashpw(b"not-a-real-password", bcrypt.gensalt(rounds=10))
 
 
 # bcrypt only reads 72 bytes; FlowFuse (bcryptjs) truncates the same way, so longer
 # passwords (Team Broker allows 128 characters) keep working.
 BCRYPT_MAX = 72
+# The bcrypt costs (log2 rounds) the library accepts; FlowFuse uses 10.
+MIN_COST, MAX_COST, DEFAULT_COST = 4, 31, 10
 
 
-def hash_password(password: str, rounds: int = 10) -> str:
+def hash_password(password: str, rounds: int = DEFAULT_COST) -> str:
+    """A bcrypt hash of ``password``; ValueError when ``rounds`` is outside MIN_COST..MAX_COST."""
+    if not MIN_COST <= rounds <= MAX_COST:
+        raise ValueError(f"bcrypt cost must be from {MIN_COST} to {MAX_COST}, not {rounds}")
     raw = password.encode("utf-8")[:BCRYPT_MAX]
     return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
@@ -132,6 +151,60 @@ def load_users(path: Path) -> dict[str, bytes]:
     return users
 
 
+def write_users(path: Path, users: Mapping[str, str], header: str = "") -> None:
+    """Replace the users file with ``users`` ({username: bcrypt hash}) in the shape :func:`load_users` reads.
+
+    Atomic, so that a reload (SIGHUP) at any moment reads the old file or the new one, never half of
+    one: a temporary file in the same directory (a rename cannot cross file systems), written, checked
+    with :func:`load_users`, fsynced, then ``os.replace``d over the file and the directory fsynced. The
+    new file keeps the old one's mode and, where we may, its owner (a root editing the broker's file
+    must not leave it unreadable to the broker); a new file gets 0600. A symlink stays a symlink: its
+    target is replaced. ``header`` (comment lines) goes first. ConfigError (naming the path) on failure.
+    """
+    target = Path(os.path.realpath(path))
+    body = yaml.safe_dump(
+        {"users": [{"username": name, "password_hash": hashed} for name, hashed in users.items()]},
+        sort_keys=False,
+        allow_unicode=True,
+    )
+    try:
+        old = os.stat(target)
+        mode, owner = stat.S_IMODE(old.st_mode), (old.st_uid, old.st_gid)
+    except FileNotFoundError:
+        mode, owner = 0o600, None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(header + body)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(PermissionError):
+                    os.fchown(out.fileno(), *owner)
+            os.fsync(out.fileno())
+        load_users(Path(tmp))  # never replace a good file with one the broker would refuse
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself durable (not every file system lets us)
+        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 @dataclass(slots=True)
 class Verdict:
     ok: bool
@@ -156,8 +229,12 @@ class Authenticator:
         self.max_pending = max_pending
         self.pending = 0
         self._cache: dict[bytes, tuple[float, bool]] = {}
+        self._running: dict[bytes, tuple[bytes | None, asyncio.Task[bool]]] = {}  # checks in progress, by key
         self._salt = secrets.token_bytes(16)  # cache keys are useless outside this process
-        self._executor = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="bcrypt")
+        threads = workers or os.cpu_count() or 2
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bcrypt")
+        self._queue = FairQueue(self._executor, threads)  # round robin per source address and username
+        self._dummy = _dummy_hash()
 
     def replace_users(self, users: dict[str, bytes]) -> None:
         """New users file contents (SIGHUP); cached verdicts may be stale, so they go."""
@@ -167,7 +244,9 @@ class Authenticator:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def check(self, username: str | None, password: bytes | None) -> Verdict:
+    async def check(self, username: str | None, password: bytes | None, source: str = "") -> Verdict:
+        """The verdict on these credentials; ``source`` (the client's address) picks its place in the
+        round robin of password checks (broker.auth.fair_queue)."""
         if username is None:
             if password is None and self.allow_anonymous:
                 return Verdict(True, False)
@@ -179,15 +258,19 @@ class Authenticator:
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             return Verdict(cached[1], not cached[1])
-        if self.pending >= self.max_pending:
-            return Verdict(False, False, busy=True)
         hashed = self.users.get(username)
-        loop = asyncio.get_running_loop()
-        self.pending += 1
-        try:
-            ok = await loop.run_in_executor(self._executor, _checkpw, password, hashed or _DUMMY_HASH)
-        finally:
-            self.pending -= 1
+        # The same credentials checked concurrently (a fleet reconnecting after an outage) cost one bcrypt.
+        running = self._running.get(key)
+        if running is None or running[0] is not hashed:
+            if self.pending >= self.max_pending:
+                return Verdict(False, False, busy=True)
+            self.pending += 1  # now, not when the task starts: checks arriving in this loop turn count it
+            task = asyncio.ensure_future(self._bcrypt(source, username, password, hashed))
+            self._running[key] = (hashed, task)
+            task.add_done_callback(partial(self._ran, key))
+        else:
+            task = running[1]
+        ok = await asyncio.shield(task)  # a waiter that goes away leaves the check to the others
         # A reload during the check (the user removed, the password changed): the answer is for a file
         # that is gone, so it refuses and is not remembered.
         ok = ok and hashed is not None and self.users.get(username) is hashed
@@ -196,6 +279,15 @@ class Authenticator:
                 self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             self._cache[key] = (now + self.cache_ttl, ok)
         return Verdict(ok, not ok)
+
+    async def _bcrypt(self, source: str, username: str, password: bytes, hashed: bytes | None) -> bool:
+        return await self._queue.run(source, username, _checkpw, password, hashed or self._dummy)
+
+    def _ran(self, key: bytes, task: asyncio.Task[bool]) -> None:
+        self.pending -= 1  # here, not in _bcrypt: a task cancelled before it started still counted
+        running = self._running.get(key)
+        if running is not None and running[1] is task:
+            del self._running[key]
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:

@@ -1,19 +1,23 @@
 """Configuration: one YAML file validated by pydantic v2 models.
 
-Every error names the key and the problem (``listeners.0.bind: ...``); callers print
-``ConfigError`` as is, never a traceback.
+Every error names the key and the problem (``listeners.0.bind: ...``, with the hint of
+:mod:`broker.config.hints`); callers print ``ConfigError`` as is, never a traceback. Reading the file, the
+``MQTT_FRONT_...`` environment overrides and secret files is :mod:`broker.config.loading`'s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
-from broker.config.base import ConfigError, _Model, parse_hostport
+from broker.config.base import ConfigError, _Model, parse_hostport, redact_url
+from broker.config.binds import Bind, config_binds, literal_overlap
+from broker.config.hints import format_errors
+from broker.config.loading import apply_environment, read_secret, read_yaml, safe_load
 from broker.config.network import (
     ListenerConfig,
     ListenerTlsConfig,
@@ -45,6 +49,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_hostport",
+    "redact_url",
     "safe_load",
 ]
 
@@ -66,18 +71,55 @@ def _resolve_upstream_paths(config: Config, base_dir: Path) -> Config:
     return config.model_copy(update={"upstream": upstream})
 
 
+class RateConfig(_Model):
+    """A token bucket pair: messages and bytes per second, each with its burst (default: one second's worth)."""
+
+    messages: float | None = Field(default=None, gt=0)  # PUBLISH packets per second; None: no message limit
+    messages_burst: float | None = Field(default=None, gt=0)
+    bytes: float | None = Field(default=None, gt=0)  # PUBLISH bytes per second; None: no byte limit
+    bytes_burst: float | None = Field(default=None, gt=0)
+
+
+class PublishRateConfig(_Model):
+    # Per connection, and per team (all its connections in this process together; with --workers N, per worker).
+    client: RateConfig | None = Field(default_factory=lambda: RateConfig(messages=10_000, messages_burst=20_000))
+    team: RateConfig | None = None
+    # pause: stop reading the client until tokens refill (nothing is lost, TCP pushes back);
+    # disconnect: v5 DISCONNECT 0x96 (message rate too high), v3.1.1 close.
+    action: Literal["pause", "disconnect"] = "pause"
+
+
+class ConnectRateConfig(_Model):
+    per_source: float = Field(gt=0)  # new connections per second from one source address
+    burst: float | None = Field(default=None, gt=0)  # default: one second's worth
+
+
 class LimitsConfig(_Model):
     max_packet_size: int = Field(default=1_048_576, ge=64, le=MQTT_MAX_PACKET)
     connect_timeout: float = Field(default=10.0, gt=0)
+    # SIGTERM / ctl drain: seconds from the signal to the exit (README "Stopping: the drain").
+    shutdown_timeout: float = Field(default=10.0, gt=0)
     # Caps per process (with --workers N, per worker): None = no cap.
     max_connections: int | None = Field(default=None, ge=1)
     max_connections_per_team: int | None = Field(default=None, ge=1)
+    # Work budgets (README "Limits and failure behaviour"): what one packet or one read may cost.
+    max_connect_size: int = Field(default=16_384, ge=64)  # the CONNECT is read before authentication
+    max_user_properties: int = Field(default=64, ge=0)  # per packet (a will's properties count on their own)
+    max_user_property_bytes: int = Field(default=16_384, ge=0)
+    max_filters_per_packet: int = Field(default=100, ge=1)  # topic filters in one SUBSCRIBE or UNSUBSCRIBE
+    max_topic_length: int = Field(default=4_096, ge=1, le=65_535)  # bytes of a topic name or filter
+    max_topic_levels: int = Field(default=64, ge=1)
+    max_alias_topic_length: int = Field(default=1_024, ge=1, le=65_535)  # what one topic alias may stand for
+    max_subscriptions: int = Field(default=10_000, ge=1)  # filters one session may hold
+    work_budget: int = Field(default=65_536, ge=1_024)  # about bytes decoded per read before the rest waits a turn
+    publish_rate: PublishRateConfig = Field(default_factory=PublishRateConfig)
+    connect_rate: ConnectRateConfig | None = None  # off: behind a balancer without PROXY protocol, one address
 
 
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        raise ValueError(f"{redact_url(value)!r} is not an http:// or https:// URL")
     return value
 
 
@@ -252,17 +294,28 @@ class Config(_Model):
             raise ValueError(f"two listeners bind the same address: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _overlapping_binds(self) -> Config:
+        # IP literals only: `check` also resolves names (broker.config.binds.resolved_overlap).
+        overlap = literal_overlap(self.binds)
+        if overlap is not None:
+            raise ValueError(overlap)
+        return self
 
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+    @property
+    def binds(self) -> list[Bind]:
+        """Every address it listens on, with its key: the listeners, metrics.bind, admin.bind."""
+        return config_binds(
+            self.listeners, self.metrics.bind if self.metrics else None, self.admin.bind if self.admin else None
+        )
 
 
-def parse_config(data: Any, base_dir: Path | None = None) -> Config:
+def parse_config(
+    data: Any, base_dir: Path | None = None, sources: Mapping[tuple[str, ...], str] | None = None
+) -> Config:
+    """``data`` (a YAML document) validated; relative paths are relative to ``base_dir``, secret files are
+    read. ``sources``: the keys environment variables set (:func:`broker.config.loading.apply_environment`),
+    named in the errors."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -270,7 +323,8 @@ def parse_config(data: Any, base_dir: Path | None = None) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration:\n{_format_errors(exc)}") from None
+        raise ConfigError(f"invalid configuration:\n{format_errors(exc, Config, sources)}") from None
+    config = _read_secret_files(config, base_dir)
     if base_dir is not None:
         config = _resolve_auth_paths(config, base_dir)
     if base_dir is not None:
@@ -320,28 +374,26 @@ def _resolve_listener_tls_paths(config: Config, base_dir: Path) -> Config:
     return config.model_copy(update={"listeners": listeners})
 
 
-# libyaml's safe loader when PyYAML has it: the same documents, ~10x faster (a users file of 10,000
-# entries is read on every reload).
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def safe_load(text: str) -> Any:
-    return yaml.load(text, Loader=_SafeLoader)
+def _read_secret_files(config: Config, base_dir: Path | None) -> Config:
+    """``upstream.password_file`` (relative to ``base_dir``) read into ``upstream.password``: at every load,
+    so a reload sees a rotated secret. (``admin.token_file`` and ``auth.jwt.secret_file`` are read where
+    they are used; ``auth.http.headers`` take ``file:/path`` values.)"""
+    up = config.upstream
+    if up is None or up.password_file is None:
+        return config
+    path = base_dir / up.password_file if base_dir is not None else up.password_file
+    password = read_secret(path, "upstream.password_file")
+    upstream = up.model_copy(update={"password_file": path, "password": password})
+    return config.model_copy(update={"upstream": upstream})
 
 
 def load_config(path: str | Path) -> Config:
+    """The configuration file ``path`` with the ``MQTT_FRONT_...`` environment variables over it (the
+    environment wins); every problem is a ConfigError naming the file and the key."""
     path = Path(path)
+    data = read_yaml(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text (a bad byte at offset {exc.start})") from None
-    try:
-        data = safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    try:
-        return parse_config(data, path.parent)
+        data, sources = apply_environment(data, Config)
+        return parse_config(data, path.parent, sources)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -19,7 +19,7 @@ class Framer:
     ``max_packet_size`` is refused from its fixed header, before its body is buffered.
     """
 
-    __slots__ = ("_have", "_need", "_pending", "error", "max_packet_size")
+    __slots__ = ("_have", "_need", "_pending", "_rest", "error", "max_packet_size")
 
     def __init__(self, max_packet_size: int = MQTT_MAX_PACKET) -> None:
         self.max_packet_size = max_packet_size
@@ -30,13 +30,21 @@ class Framer:
         self._have = 0
         self._need = 0
         self.error: ProtocolError | None = None
+        self._rest = b""  # the bytes from the packet that raised ``error`` on (see take_pending)
 
     @property
     def buffered(self) -> int:
         return self._have
 
     def take_pending(self) -> bytes:
-        """Hand back the bytes of an incomplete packet, leaving the framer empty."""
+        """Hand back the bytes not yet cut into packets, leaving the framer empty.
+
+        That includes a packet refused after good ones (``error``, then cleared): a CONNECT is framed with a
+        smaller limit than the packets behind it, which are framed again once the limit is raised.
+        """
+        if self.error is not None:
+            rest, self._rest, self.error = self._rest, b"", None
+            return rest
         pending = b"".join(self._pending)
         self._pending, self._have, self._need = [], 0, 0
         return pending
@@ -92,6 +100,7 @@ class Framer:
                 raise
             # Hand out the good packets before the bad one; the caller raises `error` after them.
             self.error = exc
+            self._rest = data[pos:]
             return data[:pos], ends
         if pos < n:
             rest = data[pos:]

@@ -11,6 +11,7 @@ from enum import IntEnum
 
 from broker.mqtt.errors import MalformedPacket, ProtocolViolation, UnsupportedProtocol
 from broker.mqtt.framer import body_start
+from broker.mqtt.limits import UNLIMITED, DecodeLimits, LimitExceeded
 from broker.mqtt.primitives import encode_binary, encode_str, encode_varint, read_binary, read_str, read_u16
 from broker.mqtt.properties import Ctx, Prop, Properties, decode_properties, encode_properties
 from broker.mqtt.topics import split_shared, validate_topic_filter, validate_topic_name
@@ -81,7 +82,7 @@ class Connect:
         return self.level == 5
 
 
-def decode_connect(buf: bytes, start: int, end: int) -> Connect:
+def decode_connect(buf: bytes, start: int, end: int, limits: DecodeLimits = UNLIMITED) -> Connect:
     if buf[start] != PacketType.CONNECT << 4:
         raise MalformedPacket("reserved flag bits set in CONNECT")
     pos = body_start(buf, start)
@@ -115,17 +116,18 @@ def decode_connect(buf: bytes, start: int, end: int) -> Connect:
         raise MalformedPacket("password without username in MQTT 3.1.1")
     props: Properties = {}
     if v5:
-        props, pos = decode_properties(buf, pos, end, Ctx.CONNECT)
+        props, pos = decode_properties(buf, pos, end, Ctx.CONNECT, limits)
     client_id, pos = read_str(buf, pos, end)
     will = None
     if will_flag:
         will_props: Properties = {}
         if v5:
-            will_props, pos = decode_properties(buf, pos, end, Ctx.WILL)
+            will_props, pos = decode_properties(buf, pos, end, Ctx.WILL, limits)
         will_topic, pos = read_str(buf, pos, end)
         if not will_topic:
             raise ProtocolViolation("empty will topic")
         validate_topic_name(will_topic)
+        limits.check_topic(will_topic, "will topic", 0x90)  # CONNACK: Topic Name invalid
         if Prop.RESPONSE_TOPIC in will_props:
             validate_topic_name(will_props[Prop.RESPONSE_TOPIC])  # a topic name: no wildcards [MQTT-3.3.2-14]
         will_payload, pos = read_binary(buf, pos, end)
@@ -225,7 +227,7 @@ class Publish:
     payload_start: int  # absolute offset of the payload in the buffer
 
 
-def decode_publish(buf: bytes, start: int, end: int, v5: bool) -> Publish:
+def decode_publish(buf: bytes, start: int, end: int, v5: bool, limits: DecodeLimits = UNLIMITED) -> Publish:
     first = buf[start]
     qos = (first >> 1) & 3
     if qos == 3:
@@ -248,6 +250,8 @@ def decode_publish(buf: bytes, start: int, end: int, v5: bool) -> Publish:
         if "\x00" in topic:
             raise MalformedPacket("U+0000 in PUBLISH topic")
         raise ProtocolViolation("wildcard in a PUBLISH topic")
+    if limits is not UNLIMITED:
+        limits.check_topic(topic, "topic name", 0x90)  # Topic Name invalid
     pos = stop
     packet_id = 0
     if qos:
@@ -259,7 +263,7 @@ def decode_publish(buf: bytes, start: int, end: int, v5: bool) -> Publish:
             raise ProtocolViolation("PUBLISH with packet identifier 0")
     props = None
     if v5:
-        props, pos = decode_properties(buf, pos, end, Ctx.PUBLISH)
+        props, pos = decode_properties(buf, pos, end, Ctx.PUBLISH, limits)
     if not topic and (props is None or 0x23 not in props):
         raise ProtocolViolation("empty PUBLISH topic without a topic alias")
     return Publish(qos, bool(first & 1), dup, topic, packet_id, props, pos)
@@ -288,20 +292,23 @@ class Subscribe:
     properties: Properties | None = None
 
 
-def decode_subscribe(buf: bytes, start: int, end: int, v5: bool) -> Subscribe:
+def decode_subscribe(buf: bytes, start: int, end: int, v5: bool, limits: DecodeLimits = UNLIMITED) -> Subscribe:
     pos = body_start(buf, start)
     packet_id, pos = read_u16(buf, pos, end)
     if packet_id == 0:
         raise ProtocolViolation("SUBSCRIBE with packet identifier 0")
     props = None
     if v5:
-        props, pos = decode_properties(buf, pos, end, Ctx.SUBSCRIBE)
+        props, pos = decode_properties(buf, pos, end, Ctx.SUBSCRIBE, limits)
         if len(props.get(0x0B, ())) > 1:
             # MQTT 5 section 3.8.2.1.2: a Protocol Error to include it more than once.
             raise ProtocolViolation("Subscription Identifier more than once in SUBSCRIBE")
     filters: list[tuple[str, int]] = []
     while pos < end:
+        if len(filters) >= limits.filters:
+            raise LimitExceeded("filters", f"more than {limits.filters} topic filters in one SUBSCRIBE")
         filt, pos = read_str(buf, pos, end)
+        limits.check_topic(filt, "topic filter", 0x8F)  # Topic Filter invalid
         if pos >= end:
             raise MalformedPacket("SUBSCRIBE filter without options")
         options = buf[pos]
@@ -340,17 +347,20 @@ class Unsubscribe:
     properties: Properties | None = None
 
 
-def decode_unsubscribe(buf: bytes, start: int, end: int, v5: bool) -> Unsubscribe:
+def decode_unsubscribe(buf: bytes, start: int, end: int, v5: bool, limits: DecodeLimits = UNLIMITED) -> Unsubscribe:
     pos = body_start(buf, start)
     packet_id, pos = read_u16(buf, pos, end)
     if packet_id == 0:
         raise ProtocolViolation("UNSUBSCRIBE with packet identifier 0")
     props = None
     if v5:
-        props, pos = decode_properties(buf, pos, end, Ctx.UNSUBSCRIBE)
+        props, pos = decode_properties(buf, pos, end, Ctx.UNSUBSCRIBE, limits)
     filters: list[str] = []
     while pos < end:
+        if len(filters) >= limits.filters:
+            raise LimitExceeded("filters", f"more than {limits.filters} topic filters in one UNSUBSCRIBE")
         filt, pos = read_str(buf, pos, end)
+        limits.check_topic(filt, "topic filter", 0x8F)  # Topic Filter invalid
         _, inner = split_shared(filt)
         validate_topic_filter(inner)
         filters.append(filt)

@@ -10,6 +10,7 @@ from enum import IntEnum
 from typing import Any
 
 from broker.mqtt.errors import MalformedPacket, ProtocolViolation, TopicAliasInvalid
+from broker.mqtt.limits import UNLIMITED, DecodeLimits, LimitExceeded
 from broker.mqtt.primitives import decode_varint, encode_str, encode_varint, read_binary, read_str, read_u16, read_u32
 
 
@@ -114,13 +115,19 @@ _NONZERO = frozenset({Prop.RECEIVE_MAXIMUM, Prop.MAXIMUM_PACKET_SIZE, Prop.TOPIC
 Properties = dict[int, Any]
 
 
-def decode_properties(buf: bytes, pos: int, end: int, ctx: Ctx) -> tuple[Properties, int]:
-    """Property block at ``pos`` (length prefix included); returns (properties, new position)."""
+def decode_properties(
+    buf: bytes, pos: int, end: int, ctx: Ctx, limits: DecodeLimits = UNLIMITED
+) -> tuple[Properties, int]:
+    """Property block at ``pos`` (length prefix included); returns (properties, new position).
+
+    User Properties beyond ``limits`` raise LimitExceeded at the first one over, before more are built.
+    """
     length, pos = decode_varint(buf, pos, end)
     stop = pos + length
     if stop > end:
         raise MalformedPacket("property length runs past the packet")
     props: Properties = {}
+    pairs = pair_bytes = 0
     while pos < stop:
         ident, pos = decode_varint(buf, pos, stop)
         spec = SPEC.get(ident)
@@ -147,8 +154,17 @@ def decode_properties(buf: bytes, pos: int, end: int, ctx: Ctx) -> tuple[Propert
         elif kind == _BIN:
             value, pos = read_binary(buf, pos, stop)
         else:
+            pairs += 1
+            if pairs > limits.user_properties:
+                raise LimitExceeded("user_properties", f"more than {limits.user_properties} User Properties")
+            begin = pos
             key, pos = read_str(buf, pos, stop)
             val, pos = read_str(buf, pos, stop)
+            pair_bytes += pos - begin - 4
+            if pair_bytes > limits.user_property_bytes:
+                raise LimitExceeded(
+                    "user_property_bytes", f"User Properties over {limits.user_property_bytes} bytes"
+                )
             value = (key, val)
         if ident in _BOOLEAN and value > 1:
             raise ProtocolViolation(f"property 0x{ident:02x} must be 0 or 1")

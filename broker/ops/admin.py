@@ -15,14 +15,18 @@ every worker (:mod:`broker.ops.admin_workers`).
 ``GET /api/v1/teams/{team}/topics``        ``{"data": [topic, ...], "meta": {"count": n}}``; 404 when
                                            the topic inventory is off
 ``POST /api/v1/reload``                    the reload report: 200 when ok, else 422
+``POST /api/v1/drain``                     202: the process stops as on SIGTERM (the drain), then exits
 =========================================  ==========================================================
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -158,7 +162,13 @@ def _one_query_value(request: web.Request, name: str) -> str | None:
 class AdminHttpServer:
     """The HTTP side of the admin API over an :class:`AsyncAdminBackend`; one listener per server."""
 
-    def __init__(self, backend: AsyncAdminBackend, token: str) -> None:
+    def __init__(
+        self,
+        backend: AsyncAdminBackend,
+        token: str,
+        shutdown_timeout: float | None = None,
+        drain: Callable[[], None] | None = None,
+    ) -> None:
         if len(token) < MIN_TOKEN_LENGTH:
             raise ValueError(f"the admin token must have at least {MIN_TOKEN_LENGTH} characters")
         self.backend = backend
@@ -170,6 +180,9 @@ class AdminHttpServer:
         self.app.router.add_post(f"{API}/revoke", self._revoke)
         self.app.router.add_get(f"{API}/teams/{{team}}/topics", self._topics)
         self.app.router.add_post(f"{API}/reload", self._reload)
+        self.app.router.add_post(f"{API}/drain", self._drain)
+        self.shutdown_timeout = shutdown_timeout  # told to the caller of /drain
+        self._start_drain = drain if drain is not None else _sigterm_self
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None  # the TCP address bound by start()
 
@@ -305,12 +318,32 @@ class AdminHttpServer:
         return json_response(200 if ok else 422, report)
 
 
+    async def _drain(self, request: web.Request) -> web.Response:
+        """The drain, as on SIGTERM (by default the signal itself, see _sigterm_self). The answer goes out first."""
+        await read_object(request, ())
+        _log_call(request, "drain")
+        asyncio.get_running_loop().call_soon(self._start_drain)
+        return json_response(202, {"draining": True, "shutdown_timeout": self.shutdown_timeout})
+
+
 class AdminServer(AdminHttpServer):
     """The admin API of one front broker process: ``AdminServer(backend, token)``, then ``start`` or
     ``start_unix``, and ``stop``."""
 
-    def __init__(self, backend: AdminBackend, token: str) -> None:
-        super().__init__(_Awaited(backend), token)
+    def __init__(
+        self,
+        backend: AdminBackend,
+        token: str,
+        shutdown_timeout: float | None = None,
+        drain: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(_Awaited(backend), token, shutdown_timeout, drain)
+
+
+def _sigterm_self() -> None:
+    """SIGTERM to this process (with --workers N the parent, which drains every worker): one code path for
+    both ways of stopping."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _joined(value: object) -> str | None:

@@ -33,20 +33,24 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 class ReadinessSource(Protocol):
-    """What readiness looks at: the process's listeners and its upstream connector."""
+    """What readiness looks at: the process's listeners, whether it is draining, and its upstream connector."""
 
     @property
     def listening(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
     @property
     def upstream(self) -> UpstreamConnector: ...
 
 
 class Readiness:
-    """Listeners bound and the upstream reachable: a recent successful connect, or a TCP probe.
+    """Listeners bound, not draining, and the upstream reachable: a recent successful connect, or a TCP probe.
 
-    A connect that succeeded within ``window`` seconds (and no failure since) is enough;
-    otherwise the upstream is probed (a TCP connection opened and closed at once), at
-    most every ``probe_interval`` seconds: requests in between get the last probe's answer.
+    A connect that succeeded within ``window`` seconds (and no failure nor lost upstream connection
+    since) is enough; otherwise the upstream is probed (a TCP connection opened and closed at once), at
+    most every ``probe_interval`` seconds: requests in between get the last probe's answer. A lost upstream
+    connection (``upstream_dropped``) makes the next request probe again, so a dead upstream turns /readyz
+    503 at once rather than after ``window``.
     """
 
     def __init__(self, front: ReadinessSource, window: float = 10.0, probe_interval: float = 2.0) -> None:
@@ -55,11 +59,18 @@ class Readiness:
         self.probe_interval = probe_interval
         self._probe_at: float | None = None
         self._probe_error: str | None = None
+        self._dropped: float | None = None  # when an upstream connection was last lost (closed by the other side)
         self._lock = asyncio.Lock()
+
+    def upstream_dropped(self) -> None:
+        """An established upstream connection was closed by the upstream or the network, not by us."""
+        self._dropped = time.monotonic()
 
     async def check(self) -> tuple[bool, str | None]:
         """(ready, reason when not)."""
         front = self.front
+        if front.draining:
+            return False, "draining: the process is stopping"
         if not front.listening:
             return False, "listeners not bound"
         upstream = front.upstream
@@ -67,10 +78,14 @@ class Readiness:
         last_ok = upstream.last_ok
         failures = [t.last_failure for t in upstream.targets if t.last_failure is not None]
         last_failure = max(failures) if failures else None
+        dropped = self._dropped
+        if last_failure is None or (dropped is not None and dropped > last_failure):
+            last_failure = dropped
         if last_ok is not None and now - last_ok <= self.window and (last_failure is None or last_failure < last_ok):
             return True, None
         async with self._lock:
-            if self._probe_at is None or time.monotonic() - self._probe_at >= self.probe_interval:
+            probed = self._probe_at
+            if probed is None or time.monotonic() - probed >= self.probe_interval or (dropped or 0) > probed:
                 self._probe_error = await self._probe_any(upstream.targets)
                 self._probe_at = time.monotonic()
             error = self._probe_error

@@ -5,7 +5,10 @@ into the plain integers of its :class:`broker.session.stats.Stats`, and :class:`
 sums them at scrape time, per team, over the live sessions plus the totals of the
 closed ones (folded into per-team accumulators when a connection closes, so counters
 never go backwards). Per-event numbers (connections accepted and closed, upstream
-connect latency and failures) use ordinary prometheus_client metrics.
+connect latency and failures, reloads) use ordinary prometheus_client metrics; the
+edge's refused handshakes, the certificates' expiry and the auth latency are read from
+the parts' plain numbers at scrape time too. No ``_created`` series: nothing here needs
+them, and they double the series count.
 
 Label cardinality: ``team`` is the finest label. The first ``metrics.max_teams``
 distinct teams (in the order they first authenticate) get their own label value;
@@ -15,10 +18,13 @@ plain users, clients that never authenticated) are ``team="_none"``.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -26,9 +32,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from broker import __version__
+from broker.config import Config, UpstreamConfig
+from broker.edge.proxy_transport import PROXY_REFUSALS
+from broker.edge.tls import TLS_FAILURES, TlsContexts
+from broker.edge.websocket import WS_REFUSALS
 from broker.mqtt.packets import PacketType
-from broker.ops.auth_metrics import AuthCollector
-from broker.session.stats import CONNECT_RESULTS, Stats
+from broker.ops.auth_metrics import AuthCollector, AuthLatency, AuthLatencyCollector
+from broker.session.stats import CONNECT_RESULTS, LIMIT_NAMES, Stats
 
 if TYPE_CHECKING:
     from broker.auth.platform import PlatformClient
@@ -48,6 +58,14 @@ _DENIALS = (
     ("denied_will", "will"),
 )
 _PACKET_NAMES = {int(t): t.name.lower() for t in PacketType}
+# Who may send which packet (MQTT 5.0 section 2.1.2; 3.1.1 the same without AUTH): only these type/direction
+# pairs are exported. Any other type is a protocol error that ends the connection (it is counted as that).
+_T = PacketType
+_BOTH = (_T.PUBLISH, _T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP, _T.DISCONNECT, _T.AUTH)
+_PACKET_TYPES = {
+    "in": sorted((_T.CONNECT, _T.SUBSCRIBE, _T.UNSUBSCRIBE, _T.PINGREQ, *_BOTH)),  # from clients
+    "out": sorted((_T.CONNACK, _T.SUBACK, _T.UNSUBACK, _T.PINGRESP, *_BOTH)),  # from the upstream
+}
 
 # Upstream connect latency buckets (seconds): loopback is sub-millisecond, a TLS handshake
 # across zones tens of milliseconds, a timeout seconds.
@@ -81,6 +99,7 @@ class _Totals:
         self.connect_results: dict[str, int] = dict.fromkeys(CONNECT_RESULTS, 0)
         self.packets_in = [0] * 16
         self.packets_out = [0] * 16
+        self.limit_hits: dict[str, int] = dict.fromkeys(LIMIT_NAMES, 0)
 
     def team(self, label: str) -> Stats:
         stats = self.teams.get(label)
@@ -102,6 +121,10 @@ class _Totals:
             self.packets_in[i] += n
         for i, n in enumerate(stats.packets_out):
             self.packets_out[i] += n
+        if stats.limit_hits:
+            hits = self.limit_hits
+            for name, n in stats.limit_hits.items():
+                hits[name] = hits.get(name, 0) + n
 
     def copy(self) -> _Totals:
         other = _Totals()
@@ -110,6 +133,7 @@ class _Totals:
         other.connect_results = dict(self.connect_results)
         other.packets_in = list(self.packets_in)
         other.packets_out = list(self.packets_out)
+        other.limit_hits = dict(self.limit_hits)
         return other
 
 
@@ -168,10 +192,18 @@ class _TeamCollector(Collector):
             labels=["direction", "type"],
         )
         for direction, counts in (("in", totals.packets_in), ("out", totals.packets_out)):
-            for ptype, n in enumerate(counts):
-                if ptype in _PACKET_NAMES:
-                    packets.add_metric([direction, _PACKET_NAMES[ptype]], n)
+            for ptype in _PACKET_TYPES[direction]:
+                packets.add_metric([direction, _PACKET_NAMES[ptype]], counts[ptype])
         yield packets
+
+        hits = CounterMetricFamily(
+            "mqtt_front_limit_hits",
+            "Times a limit bit, by limit (README: Limits and failure behaviour)",
+            labels=["limit"],
+        )
+        for name, n in totals.limit_hits.items():
+            hits.add_metric([name], n)
+        yield hits
 
         attempts = CounterMetricFamily("mqtt_front_connect_attempts", "CONNECTs by result", labels=["result"])
         for result, n in totals.connect_results.items():
@@ -196,15 +228,69 @@ class _TeamCollector(Collector):
         yield upstream
 
 
+class _EdgeCollector(Collector):
+    """Refused handshakes and certificate expiry, from the listeners' TLS state at scrape time."""
+
+    def __init__(self, metrics: Metrics, tls: TlsContexts, reasons: dict[str, tuple[str, ...]]) -> None:
+        self._metrics = metrics
+        self._tls = tls
+        self._reasons = reasons  # listener -> the refusal reasons it can have (their series start at 0)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        failures = CounterMetricFamily(
+            "mqtt_front_handshake_failures",
+            "Connections refused before MQTT, by listener and reason (tls_*: the TLS handshake; ws_*: the "
+            "WebSocket upgrade; proxy_*: the PROXY protocol header)",
+            labels=["listener", "reason"],
+        )
+        counts = dict.fromkeys(((name, r) for name, reasons in self._reasons.items() for r in reasons), 0)
+        counts.update(self._tls.failures.counts)
+        for (listener, reason), n in sorted(counts.items()):
+            failures.add_metric([listener, reason], n)
+        yield failures
+
+        expiry = GaugeMetricFamily(
+            "mqtt_front_certificate_expiry_seconds",
+            "Seconds until the certificate in use expires (the earliest notAfter of its chain; negative once "
+            "expired): a listener's, or the client certificate presented to an upstream",
+        )
+        now = time.time()
+        for name, item in sorted(self._tls.listeners.items()):
+            not_after = certificate_not_after(item.cert_pem)
+            if not_after is not None:
+                expiry.add_sample(expiry.name, {"listener": name}, not_after - now)
+        upstream, not_after = self._metrics.upstream, self._metrics.upstream_cert_not_after
+        if upstream is not None and not_after is not None:
+            for target in upstream.targets:
+                expiry.add_sample(expiry.name, {"upstream": upstream_name(target)}, not_after - now)
+        yield expiry
+
+
+@functools.lru_cache(maxsize=64)
+def certificate_not_after(pem: bytes) -> float | None:
+    """The earliest notAfter (a Unix time) of the certificates in a PEM chain; None without one."""
+    try:
+        chain = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return None
+    return min(cert.not_valid_after_utc for cert in chain).timestamp() if chain else None
+
+
 class Metrics:
     """All metrics of one FrontBroker; ``registry`` is what /metrics exposes."""
 
     def __init__(self, max_teams: int = 1000, listeners: Iterable[str] = ()) -> None:
+        # Process-wide, read at scrape time: this process exports no _created series.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.teams = TeamLabels(max_teams)
         self.closed = _Totals()
         self.listeners = list(listeners)
         self.upstream: UpstreamConnector | None = None
+        self.upstream_cert_not_after: float | None = None  # the upstream client certificate's, when it has one
         self._connections: Iterable[ClientConnection] = ()
         self._auth: AuthCollector | None = None
         reg = self.registry
@@ -235,12 +321,66 @@ class Metrics:
             ["upstream"],
             registry=reg,
         )
+        self.reload_success = Gauge(
+            "mqtt_front_config_reload_success",
+            "1 if the last configuration reload loaded everything (or none happened since the start), 0 if it "
+            "was refused or a part of it could not be loaded",
+            registry=reg,
+        )
+        self.reload_time = Gauge(
+            "mqtt_front_config_last_reload_timestamp_seconds",
+            "When the configuration was last loaded (the start, then each reload, whatever its outcome)",
+            registry=reg,
+        )
+        self.reload_success.set(1)
+        self.reload_time.set(time.time())
+        self.auth_latency = AuthLatency()  # admission counts into it
+        reg.register(AuthLatencyCollector(self.auth_latency))
         self._accepted_by_listener: dict[str, Counter] = {}
         self._latency_by_target: dict[UpstreamTarget, Histogram] = {}  # targets compare by identity
         for listener in self.listeners:
             self.accepted.labels(listener)
             self.closed_connections.labels(listener, NO_TEAM)
         reg.register(_TeamCollector(self))
+
+    def watch_edge(self, tls: TlsContexts, config: Config) -> None:
+        """Read the listeners' refused handshakes and certificates in ``tls`` at scrape time; start the series
+        each listener of ``config`` can have at 0, also the auth latency of the backends it configures; read
+        the upstream client certificate."""
+        reasons = {}
+        for listener in config.listeners:
+            reasons[listener.name] = (
+                (TLS_FAILURES if listener.tls is not None else ())
+                + (WS_REFUSALS if listener.type == "ws" else ())
+                + (PROXY_REFUSALS if listener.proxy_protocol else ())
+            )
+        self.registry.register(_EdgeCollector(self, tls, reasons))
+        auth = config.auth
+        for backend, used in (
+            ("users_file", True),  # it also refuses the users no other backend knows
+            ("anonymous", auth.allow_anonymous),
+            ("http", auth.http is not None),
+            ("jwt", auth.jwt is not None),
+        ):
+            if used:
+                self.auth_latency.add(backend)
+        self.read_upstream_certificate(config.upstream)
+
+    def read_upstream_certificate(self, upstream: UpstreamConfig | None) -> None:
+        """The expiry of the client certificate the front broker presents upstream (none: no series)."""
+        cert = upstream.tls.cert if upstream is not None and upstream.tls is not None else None
+        try:
+            pem = cert.read_bytes() if cert is not None else b""
+        except OSError:
+            pem = b""  # it was loaded before this reads it: a file gone since is no certificate to report
+        self.upstream_cert_not_after = certificate_not_after(pem)
+
+    def reloaded(self, ok: bool, upstream: UpstreamConfig | None = None) -> None:
+        """A reload ran: ``ok`` if it loaded everything; ``upstream``: its TLS files were read again."""
+        self.reload_success.set(1 if ok else 0)
+        self.reload_time.set(time.time())
+        if upstream is not None:
+            self.read_upstream_certificate(upstream)
 
     def watch(self, connections: Iterable[ClientConnection], upstream: UpstreamConnector) -> None:
         """Read these live connections and this upstream at scrape time; observe its connect attempts."""

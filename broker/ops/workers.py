@@ -42,6 +42,8 @@ BACKOFF_MAX = 5.0
 # A worker whose target returned 1 could not start (its configuration, a bind): starting it again would
 # fail the same way, so that stops the process at once. Its exit code says so (sysexits' EX_CONFIG).
 COULD_NOT_START = 78
+# On SIGTERM each worker drains within limits.shutdown_timeout; one still alive this long after it is killed.
+KILL_MARGIN = 5.0
 
 
 class ParentStats:
@@ -53,21 +55,30 @@ class ParentStats:
 PARENT = ParentStats()
 
 
-def run_workers(count: int, target: Callable[[int], int], started: Callable[[], None] | None = None) -> int:
+def run_workers(
+    count: int,
+    target: Callable[[int], int],
+    started: Callable[[], None] | None = None,
+    shutdown_timeout: float = 10.0,
+) -> int:
     """Run ``target(index)`` in ``count`` forked processes until a signal, restarting a worker that dies.
 
     The others keep serving meanwhile (they share the listening sockets: the port never stops accepting).
     Only repeated deaths (MAX_RESTARTS within RESTART_WINDOW) stop everything, with exit code 1.
     ``started`` is called once every worker is forked and this process forwards signals to them (the
-    moment to write a pid file: a SIGHUP sent to this process from then on reaches every worker)."""
+    moment to write a pid file: a SIGHUP sent to this process from then on reaches every worker).
+    SIGTERM/SIGINT drain every worker (each within ``shutdown_timeout``); one still alive KILL_MARGIN
+    seconds later is killed, and the exit code is then 1."""
     ctx = multiprocessing.get_context("fork")
     procs: list[BaseProcess] = []
     stopping = False
+    stop_at: float | None = None  # when the first SIGTERM/SIGINT came
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_at
         if signum in (signal.SIGINT, signal.SIGTERM):
             stopping = True
+            stop_at = time.monotonic() if stop_at is None else stop_at
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -89,6 +100,13 @@ def run_workers(count: int, target: Callable[[int], int], started: Callable[[], 
     due: dict[int, float] = {}  # index -> when its replacement starts
     while not stopping or any(p.is_alive() for p in procs):
         now = time.monotonic()
+        if stop_at is not None and now - stop_at > shutdown_timeout + KILL_MARGIN:
+            for proc in procs:
+                if proc.pid is not None and proc.is_alive():
+                    log.error("worker %s still running %.0f s after the stop: killing it", proc.name, now - stop_at)
+                    proc.kill()
+                    code = 1
+            stop_at = None  # once
         for index, proc in enumerate(procs):
             if stopping or proc.is_alive() or index in due:
                 continue
@@ -144,7 +162,9 @@ def serve_worker_metrics(address: tuple[str, int], sockets: list[str]) -> Callab
     return stop
 
 
-def serve_worker_admin(address: tuple[str, int], sockets: list[str], token: str) -> Callable[[], None]:
+def serve_worker_admin(
+    address: tuple[str, int], sockets: list[str], token: str, shutdown_timeout: float | None = None
+) -> Callable[[], None]:
     """Serve admin.bind for all workers from a thread of this (parent) process; returns a stopper.
 
     Each worker serves the admin API on its unix socket in ``sockets`` (same order as the workers);
@@ -155,7 +175,7 @@ def serve_worker_admin(address: tuple[str, int], sockets: list[str], token: str)
 
     loop = asyncio.new_event_loop()
     backend = WorkersAdmin(sockets, token)
-    server = AdminHttpServer(backend, token)
+    server = AdminHttpServer(backend, token, shutdown_timeout)  # POST /drain: SIGTERM to this parent
     try:
         loop.run_until_complete(server.start(*address))  # binding errors surface here, before any worker starts
     except BaseException:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from broker.mqtt.limits import DecodeLimits
 from broker.session.inventory import Inventory
 
 
@@ -94,7 +95,28 @@ class CheckAccess:
     retain: bool = False
 
 
-Action = Authenticate | OpenUpstream | Close | CheckAccess
+@dataclass(slots=True)
+class Continue:
+    """The client's read spent its work budget: call ``Session.continue_client`` on the next loop turn.
+
+    The session keeps the rest of the read and stops reading the client meanwhile, so one client's burst
+    of costly packets (cold topics, properties, SUBSCRIBEs) waits for the others instead of stalling them.
+    """
+
+
+CONTINUE = Continue()
+
+
+@dataclass(slots=True)
+class RateCheck:
+    """The client sent what its publish rate allowed so far: charge the rate limiter with the session's
+    ``stats.msgs_in`` / ``stats.bytes_in``, then call ``Session.allow_publishes`` (at once, or once the
+    tokens refill: the session holds the rest of the client's bytes and stops reading it meanwhile)."""
+
+
+RATE_CHECK = RateCheck()
+
+Action = Authenticate | OpenUpstream | Close | CheckAccess | Continue | RateCheck
 
 
 @dataclass(slots=True)
@@ -115,6 +137,9 @@ class AuthResult:
     expires_at: float | None = None  # time.time() at which the credentials stop being accepted (a JWT's exp + leeway)
 
 
+DEFAULT_LIMITS = DecodeLimits()
+
+
 @dataclass(slots=True)
 class SessionSettings:
     max_packet_size: int = 1_048_576
@@ -124,3 +149,9 @@ class SessionSettings:
     disconnect_on_deny: bool = False
     upstream_label: str = "upstream"
     inventory: Inventory | None = None  # the process's topic inventory (None: off)
+    # Work budgets (limits.*): what one packet may make the decoder build, and one read the session do.
+    max_connect_size: int = 16_384  # the CONNECT, read before authentication
+    decode_limits: DecodeLimits = DEFAULT_LIMITS
+    max_alias_topic_length: int = 1_024  # a topic alias stands for at most this many bytes
+    max_subscriptions: int = 10_000
+    work_budget: int = 65_536  # cost units (about bytes decoded) of one read before the rest waits a turn

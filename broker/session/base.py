@@ -18,6 +18,7 @@ from acl.cache import BoundedCache
 from broker.logs import log_event
 from broker.mqtt.errors import PacketTooLarge, ProtocolError
 from broker.mqtt.framer import Framer
+from broker.mqtt.limits import LimitExceeded
 from broker.mqtt.packets import Connect, encode_connack, encode_disconnect
 from broker.mqtt.reasons import ConnackV3, ConnackV5, DisconnectReason
 from broker.session.api import (
@@ -33,6 +34,7 @@ from broker.session.api import (
     State,
 )
 from broker.session.audit import DenyLog
+from broker.session.drain import RELAYING, SETTLING, DrainState, relaying_tables, settling_table
 from broker.session.flows import AckOrder, Qos2Refusals, SubackMerger, Subscriptions, TopicAliases
 from broker.session.inventory import TopicEntry
 from broker.session.stats import Stats
@@ -41,6 +43,9 @@ log = logging.getLogger("mqtt_front.session")
 
 Allowed = TopicEntry | Literal[True]
 """What the publish fast path remembers of an allowed topic: its inventory entry to count, or True."""
+
+NO_STOP = 1 << 62
+"""A publish_stop_* value no counter reaches: no rate limit applies."""
 
 NORMAL_DISCONNECT = b"\xe0\x00"
 """DISCONNECT, reason 0 (normal, the will is discarded): the same two bytes in MQTT 3.1.1 and 5."""
@@ -64,6 +69,7 @@ class SessionBase:
         "_connect",
         "_decided",
         "_deny_log",
+        "_drain",
         "_early",
         "_fast_expired",
         "_held_client",
@@ -81,11 +87,16 @@ class SessionBase:
         "_upstream_dropped_qos2",
         "_upstream_framer",
         "_upstream_table",
+        "_work",
+        "_yielded",
         "assigned_client_id",
         "client_id",
         "keep_alive",
         "peer",
         "policy",
+        "publish_stop_bytes",
+        "publish_stop_msgs",
+        "rate_held_size",
         "reading_client",
         "reading_upstream",
         "settings",
@@ -106,7 +117,14 @@ class SessionBase:
         self._out_client: list[bytes] = []
         self._out_upstream: list[bytes] = []
         self._actions: list[Action] = []
-        self._client_framer = Framer(settings.max_packet_size)
+        # The CONNECT is read before authentication: it gets the smaller limit (raised once it is read).
+        self._client_framer = Framer(min(settings.max_connect_size, settings.max_packet_size))
+        self._work = 0  # cost units the current client read has spent (settings.work_budget)
+        self._yielded = False  # the client's held packets wait for the next turn (Continue), not a check
+        # The publish rate limiter looks again once stats.msgs_in or stats.bytes_in pass these (RateCheck);
+        # without a limiter, never. ``rate_held_size``: the size of the PUBLISH held for that check.
+        self.publish_stop_msgs = self.publish_stop_bytes = NO_STOP
+        self.rate_held_size = 0
         self._upstream_framer = Framer()
         self._connect: Connect | None = None
         self.client_id = ""
@@ -115,12 +133,12 @@ class SessionBase:
         self.username: str | None = None
         self.team: str | None = None
         self.policy: AccessPolicy | None = None
-        self._aliases = TopicAliases()
+        self._aliases = TopicAliases(settings.max_alias_topic_length)
         self._acks = AckOrder()
         self._client_refused_qos2 = Qos2Refusals()
         self._upstream_dropped_qos2 = Qos2Refusals()
         self._subacks = SubackMerger()
-        self._subs = Subscriptions()
+        self._subs = Subscriptions(settings.max_subscriptions)
         # Raw topic bytes already validated and allowed: the hot paths skip decoding and ACL walks. A
         # publish topic maps to its topic-inventory entry (counted on every publish), or True without one.
         self._publish_ok: BoundedCache[bytes, Allowed] = BoundedCache()
@@ -129,6 +147,7 @@ class SessionBase:
         # A policy whose allows expire (the platform's cache) says when those topics must be asked about again.
         self._fast_expired: Callable[[], bool] | None = None
         self._deny_log: DenyLog | None = None  # created on the first denial
+        self._drain: DrainState | None = None  # the process is stopping (start_drain)
         self._early = b""
         self._client_id_rule = ClientIdRule.PREFIX
         self._mount = ""  # the client's mountpoint ("" = none) and its UTF-8 bytes
@@ -206,6 +225,63 @@ class SessionBase:
             self._out_client.append(encode_disconnect(DisconnectReason.SERVER_SHUTTING_DOWN, "server shutting down"))
         self._close("server shutting down")
 
+    # ------------------------------------------------------------------ the drain (SIGTERM, ctl drain)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain is not None
+
+    def start_drain(self) -> None:
+        """The process stops (SIGTERM): an established session finishes what the client sent (see
+        :mod:`broker.session.drain`); then the I/O layer calls ``drain_tick`` until the session closes. A
+        session still in its handshake closes now (a v5 client in WAIT_CONNACK gets nothing: no CONNACK yet)."""
+        if self._state is not State.ESTABLISHED:
+            if self._state is not State.CLOSED:
+                self.server_shutdown()
+            return
+        if self._drain is None:
+            drain = self._drain = DrainState()
+            self._client_table, self._upstream_table = relaying_tables(
+                self._client_table, self._upstream_table, drain.flows
+            )
+
+    def drain_tick(self, quiet: bool, reading_over: bool) -> None:
+        """The I/O layer's drain timer. ``quiet``: nothing was read from the client since the last tick;
+        ``reading_over``: the drain's read window has passed.
+
+        The client's new work is taken until it has been quiet, or everything forwarded so far is
+        acknowledged, or the window passed (a client that streams on); once every message forwarded is
+        acknowledged upstream and its ack handed over for the client, the session ends: v5 DISCONNECT 0x8B
+        to the client, then the close (see ``_finish_drain``)."""
+        drain = self._drain
+        if drain is None or self._state is not State.ESTABLISHED:
+            return
+        acks = self._acks
+        if drain.phase == RELAYING:
+            mid_packet = self._held_client is not None or self._yielded or self._client_framer.buffered > 0
+            if reading_over or (not mid_packet and (quiet or not acks.inflight)):
+                drain.phase = SETTLING
+                self._client_table = settling_table(self._client_table)
+        if drain.phase == SETTLING and not acks.inflight and not drain.flows and self._held_upstream is None:
+            self._finish_drain()
+
+    def drain_expired(self) -> None:
+        """The drain's time (``limits.shutdown_timeout``) is nearly up: end now, acknowledged or not (what
+        was not acknowledged the client still holds and sends again)."""
+        if self._state is State.ESTABLISHED:
+            self._finish_drain()
+        elif self._state is not State.CLOSED:
+            self.server_shutdown()
+
+    def _finish_drain(self) -> None:
+        # The will: MQTT 5 (3.1.2.5) publishes it when the server closes the connection without a DISCONNECT
+        # 0x00 from the client, so it is published as before the drain: a v5 session's upstream gets DISCONNECT
+        # 0x04 (disconnect with will message), a v3.1.1 one just the close (a DISCONNECT would discard the will).
+        if self.v5:
+            self._out_client.append(encode_disconnect(DisconnectReason.SERVER_SHUTTING_DOWN, "server shutting down"))
+            self._out_upstream.append(encode_disconnect(DisconnectReason.WITH_WILL))
+        self._close("server shutting down")
+
     def credentials_expired(self) -> None:
         """The I/O layer's timer at the credentials' expiry (a JWT's exp): v5 DISCONNECT 0xA0, then close."""
         self.disconnect(DisconnectReason.MAXIMUM_CONNECT_TIME, "credentials expired")
@@ -253,10 +329,18 @@ class SessionBase:
             self._actions.append(Close(reason))
 
     def _protocol_error(self, exc: ProtocolError, side: str) -> None:
-        log.info("protocol error from %s %s: %s", side, self.peer, exc)
+        limit = exc.limit if isinstance(exc, LimitExceeded) else None
+        if isinstance(exc, PacketTooLarge):
+            limit = "connect_size" if self._state is State.WAIT_CONNECT else "packet_size"
+        if limit is not None:
+            self.stats.limit_hit(limit)
+            user = self.username
+            log_event(log, logging.INFO, "limit_exceeded", peer=self.peer, user=user, limit=limit, reason=str(exc))
+        else:
+            log.info("protocol error from %s %s: %s", side, self.peer, exc)
         self.stats.protocol_errors += 1
         if self._state is not State.ESTABLISHED and not self.stats.connect_result:
-            self.stats.connect_result = "limit" if isinstance(exc, PacketTooLarge) else "protocol_error"
+            self.stats.connect_result = "limit" if limit is not None else "protocol_error"
         if self.v5 and self._state is State.ESTABLISHED:
             self._out_client.append(encode_disconnect(exc.reason_code))
         elif self.v5 and self._state is State.WAIT_CONNECT:

@@ -27,9 +27,9 @@ from broker.mqtt.peek import (
     publish_topic_bytes,
     replace_publish_topic,
 )
-from broker.session.api import CheckAccess, SessionSettings, State
+from broker.session.api import CONTINUE, RATE_CHECK, CheckAccess, SessionSettings, State
 from broker.session.live import Live
-from broker.session.paths import HOLD
+from broker.session.paths import HOLD, RATE_STOP, YIELD
 from broker.session.stats import Stats
 
 # A packet handler: (session, chunk, start, end) -> None = forward as is, b"" = drop, bytes = send these instead.
@@ -51,6 +51,35 @@ class Session(Live):
 
     def receive_client(self, data: bytes) -> None:
         """Bytes read from the client. Then hand over the outputs and run the actions."""
+        self._work = 0  # a new read: a new work budget
+        self._feed_client(data)
+
+    def _publish_checkpoint(self, size: int) -> bytes:
+        """The client used what the rate limiter allowed: this PUBLISH and the rest wait for RateCheck."""
+        stats = self.stats
+        stats.msgs_in -= 1  # counted again when it goes on
+        stats.bytes_in -= size
+        self.rate_held_size = size
+        return RATE_STOP
+
+    def allow_publishes(self, messages: int, size: int) -> None:
+        """The answer to RateCheck: ``messages`` more PUBLISH packets and ``size`` more bytes may go before the
+        next check (the held one always goes: a bucket may run into debt, then the client waits). Then the
+        client's held packets go on."""
+        stats = self.stats
+        self.publish_stop_msgs = stats.msgs_in + max(1, messages)
+        self.publish_stop_bytes = stats.bytes_in + max(self.rate_held_size, size)
+        self.rate_held_size = 0
+        self.continue_client()
+
+    def continue_client(self) -> None:
+        """The answer to Continue (next loop turn): the rest of the read goes on, with a new budget."""
+        if self._yielded:
+            self._yielded = False
+            self._work = 0
+            self._resume_client()
+
+    def _feed_client(self, data: bytes) -> None:
         state = self._state
         if state is State.ESTABLISHED:
             if self._held_client is not None:
@@ -113,9 +142,12 @@ class Session(Live):
                 if replacement is not None:
                     if run < start:
                         out.append(chunk[run:start])
-                    if replacement is HOLD:
-                        counts[ptype] -= 1  # counted again when it is handled with the answer
+                    if replacement is HOLD or replacement is YIELD or replacement is RATE_STOP:
+                        counts[ptype] -= 1  # counted again when it is handled with the answer (or next turn)
                         self._hold(table, (chunk, ends[bisect_right(ends, start) :], start))  # ends is sorted
+                        if replacement is not HOLD:
+                            self._yielded = True
+                            self._actions.append(CONTINUE if replacement is YIELD else RATE_CHECK)
                         return
                     if replacement:
                         out.append(replacement)
@@ -135,6 +167,8 @@ class Session(Live):
         stats = self.stats
         stats.msgs_in += 1
         stats.bytes_in += end - start
+        if stats.msgs_in > self.publish_stop_msgs or stats.bytes_in > self.publish_stop_bytes:
+            return self._publish_checkpoint(end - start)  # the rate limiter's turn (two compares per publish)
         # Fast path: a topic whose raw bytes were validated and allowed before needs no decoding
         # and no ACL walk (v5: only without properties). Everything else takes the full path.
         v5 = self.v5
@@ -161,6 +195,8 @@ class Session(Live):
         stats = self.stats
         stats.msgs_in += 1
         stats.bytes_in += end - start
+        if stats.msgs_in > self.publish_stop_msgs or stats.bytes_in > self.publish_stop_bytes:
+            return self._publish_checkpoint(end - start)
         v5 = self.v5
         topic = plain_publish_topic(chunk, start, end, v5)
         if topic is not None:
@@ -181,7 +217,7 @@ class Session(Live):
 
     def _client_publish_full(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
         answer = self._client_publish_checked(chunk, start, end, v5)
-        if answer is HOLD:
+        if answer is HOLD or answer is YIELD:
             stats = self.stats  # counted again when it is handled with the answer
             stats.msgs_in -= 1
             stats.bytes_in -= end - start
@@ -224,7 +260,8 @@ class Session(Live):
         early = self._early
         if early:
             self._early = b""
-            self.receive_client(early)
+            self._work = 0
+            self._feed_client(early)
 
     def _upstream_publish(self, chunk: bytes, start: int, end: int) -> bytes | None:
         """A delivery: relayed only if the client may read its topic, else acked on its behalf."""
@@ -292,8 +329,8 @@ class Session(Live):
             self._protocol_error(exc, "client")
             return
         backlog, self._backlog_client = self._backlog_client, []
-        for data in backlog:  # a new hold queues the rest again, in order
-            self.receive_client(data)
+        for data in backlog:  # a new hold queues the rest again, in order; the budget is the read's
+            self._feed_client(data)
 
     def _resume_upstream(self) -> None:
         held, self._held_upstream = self._held_upstream, None

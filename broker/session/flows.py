@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from broker.mqtt.errors import TopicAliasInvalid
+from broker.mqtt.limits import LimitExceeded
 from broker.mqtt.packets import SubAck, encode_suback
 from broker.mqtt.reasons import SubackReason
 
@@ -95,8 +96,6 @@ class SubackMerger:
         return encode_suback(v5, suback.packet_id, merged, suback.properties)
 
 
-MAX_SUBSCRIPTIONS = 10_000
-"""Filters one session may hold: the front broker remembers each (to revoke it when rights change)."""
 
 
 class Subscriptions:
@@ -107,17 +106,20 @@ class Subscriptions:
     is answered here (the client never asked).
     """
 
-    __slots__ = ("_client_ids", "_own_ids", "filters")
+    __slots__ = ("_client_ids", "_own_ids", "filters", "maximum")
 
-    def __init__(self) -> None:
+    def __init__(self, maximum: int = 10_000) -> None:
+        # Filters one session may hold (limits.max_subscriptions): the front broker remembers each, to
+        # revoke it when rights change.
+        self.maximum = maximum
         self.filters: dict[str, str] = {}  # client-visible filter -> the filter sent upstream
         self._client_ids: set[int] = set()  # the client's SUBSCRIBE/UNSUBSCRIBE flows in progress
         self._own_ids: set[int] = set()  # our UNSUBSCRIBEs in progress
 
     def full(self, client_filters: list[str]) -> bool:
-        """Would granting these filters (some perhaps held already) go over MAX_SUBSCRIPTIONS?"""
+        """Would granting these filters (some perhaps held already) go over the maximum?"""
         filters = self.filters
-        return len(filters) + sum(f not in filters for f in client_filters) > MAX_SUBSCRIPTIONS
+        return len(filters) + sum(f not in filters for f in client_filters) > self.maximum
 
     def granted(self, packet_id: int, filters: list[tuple[str, str]]) -> None:
         """A SUBSCRIBE goes upstream with these (client filter, upstream filter) pairs."""
@@ -156,10 +158,13 @@ class Subscriptions:
 class TopicAliases:
     """The client's topic-alias map (client to front broker); the upstream never sees aliases."""
 
-    __slots__ = ("maximum", "topics")
+    __slots__ = ("max_topic_length", "maximum", "topics")
 
-    def __init__(self) -> None:
+    def __init__(self, max_topic_length: int = 1_024) -> None:
         self.maximum = 0  # what the upstream's CONNACK offered the client
+        # Each alias-only PUBLISH is sent upstream with its full topic: a cap on what an alias may stand
+        # for caps that amplification (8 bytes in, a 65 KB topic out) and keeps its topics cacheable.
+        self.max_topic_length = max_topic_length
         self.topics: dict[int, str] = {}
 
     def resolve(self, alias: int, topic: str) -> str:
@@ -167,6 +172,10 @@ class TopicAliases:
         if alias > self.maximum:
             raise TopicAliasInvalid(f"topic alias {alias} above the maximum {self.maximum}")
         if topic:
+            if len(topic) > self.max_topic_length or len(topic.encode()) > self.max_topic_length:
+                raise LimitExceeded(
+                    "alias_topic_length", f"a topic alias for a topic longer than {self.max_topic_length} bytes"
+                )
             self.topics[alias] = topic
             return topic
         known = self.topics.get(alias)

@@ -19,6 +19,7 @@ from acl.client_ids import client_id_allowed
 from acl.identity import ANONYMOUS_CLIENT_PREFIX
 from broker.logs import log_event
 from broker.mqtt.errors import ProtocolError, ProtocolViolation, UnsupportedProtocol
+from broker.mqtt.limits import LimitExceeded
 from broker.mqtt.packets import (
     PacketType,
     check_fixed_flags,
@@ -55,10 +56,15 @@ class Handshake(SessionBase):
         # Peek at the level so that CONNECT errors can be answered in the right version.
         self.v5 = peek_connect_level(chunk, end) == 5
         try:
-            connect = decode_connect(chunk, 0, end)
+            connect = decode_connect(chunk, 0, end, self.settings.decode_limits)
         except UnsupportedProtocol as exc:
             self.v5 = exc.v5_format
             self._refuse_connect(ConnackV3.UNACCEPTABLE_PROTOCOL, ConnackV5.UNSUPPORTED_PROTOCOL, str(exc))
+            return
+        except LimitExceeded as exc:
+            self.stats.limit_hit(exc.limit)
+            log_event(log, logging.INFO, "limit_exceeded", peer=self.peer, limit=exc.limit, reason=str(exc))
+            self._refuse_connect(ConnackV3.SERVER_UNAVAILABLE, exc.reason_code, str(exc), result="limit")
             return
         except ProtocolError as exc:
             # Before CONNACK, a v5 client is answered with a CONNACK carrying the reason.
@@ -97,7 +103,9 @@ class Handshake(SessionBase):
             return
         self._set_state(State.AUTHENTICATING)
         # Bytes after CONNECT (the client did not wait for CONNACK) wait for the session.
-        self._early = chunk[end:] + self._client_framer.take_pending()
+        framer = self._client_framer
+        self._early = chunk[end:] + framer.take_pending()
+        framer.max_packet_size = self.settings.max_packet_size  # the CONNECT's own smaller limit is done
         self._actions.append(Authenticate(connect.username, connect.password, connect.client_id))
 
     def auth_done(self, result: AuthResult) -> None:

@@ -42,6 +42,16 @@ from broker.session.mount import checked, mount_filter, unmount_topic
 HOLD = bytes(bytearray(b"\x00"))
 """A handler's answer "wait for the access decision" (compared by identity, never sent)."""
 
+YIELD = bytes(bytearray(b"\x00"))
+"""A handler's answer "this read spent its work budget: go on next turn" (compared by identity, never sent)."""
+
+RATE_STOP = bytes(bytearray(b"\x00"))
+"""A publish handler's answer "the rate limiter must look first" (compared by identity, never sent)."""
+
+# Work-budget costs in about bytes decoded (settings.work_budget): a packet on a full path costs its size plus
+# PACKET_COST (decoding, a dataclass, the dispatch); each ACL decision (a filter) ITEM_COST more.
+PACKET_COST, ITEM_COST = 256, 512
+
 # A valid client topic or filter too long once mounted: the client is disconnected with these (v5).
 _NAME_INVALID, _FILTER_INVALID = DisconnectReason.TOPIC_NAME_INVALID, DisconnectReason.TOPIC_FILTER_INVALID
 
@@ -51,9 +61,24 @@ class Paths(Handshake):
 
     # ------------------------------------------------------------------ from the client
 
+    def _over_budget(self, cost: int) -> bool:
+        """Charge ``cost`` to the current read; True (nothing charged) once the read has spent its budget.
+
+        Only the full paths charge: the fast paths cost a dict lookup. The first packet of a read always
+        goes, so every read makes progress.
+        """
+        work = self._work
+        if work >= self.settings.work_budget:
+            self.stats.limit_hit("work_budget")
+            return True
+        self._work = work + cost
+        return False
+
     def _client_publish_checked(self, chunk: bytes, start: int, end: int, v5: bool) -> bytes | None:
         """The full path: decode, resolve the topic alias, check the ACL, move under the mountpoint."""
-        pub = decode_publish(chunk, start, end, v5)
+        if self._over_budget(end - start + PACKET_COST):
+            return YIELD
+        pub = decode_publish(chunk, start, end, v5, self.settings.decode_limits)
         topic = pub.topic
         rewritten = False
         props = pub.properties
@@ -147,7 +172,10 @@ class Paths(Handshake):
         """Each filter checked on its own; refused ones are answered here, the others go upstream."""
         v5 = self.v5
         check_fixed_flags(chunk[start], v5)
-        sub = decode_subscribe(chunk, start, end, v5)
+        if self._over_budget(end - start + PACKET_COST):
+            return YIELD
+        sub = decode_subscribe(chunk, start, end, v5, self.settings.decode_limits)
+        self._work += ITEM_COST * len(sub.filters)
         policy = self.policy
         assert policy is not None
         # Decide every filter first: a filter the policy must ask about holds the whole packet,
@@ -193,7 +221,9 @@ class Paths(Handshake):
 
     def _client_unsubscribe(self, chunk: bytes, start: int, end: int) -> bytes | None:
         check_fixed_flags(chunk[start], self.v5)
-        unsub = decode_unsubscribe(chunk, start, end, self.v5)
+        if self._over_budget(end - start + PACKET_COST):
+            return YIELD
+        unsub = decode_unsubscribe(chunk, start, end, self.v5, self.settings.decode_limits)
         self._subs.unsubscribed(unsub.packet_id, unsub.filters)
         mount = self._mount
         if not mount:

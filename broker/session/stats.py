@@ -16,6 +16,23 @@ CONNECT_RESULTS = (
 )
 
 
+# Limits that can bite (``Stats.limit_hits`` keys, the label values of mqtt_front_limit_hits_total).
+LIMIT_NAMES = (
+    "connect_size",
+    "packet_size",
+    "user_properties",
+    "user_property_bytes",
+    "filters",
+    "topic_length",
+    "topic_levels",
+    "alias_topic_length",
+    "work_budget",
+    "publish_rate",
+    "connect_rate",
+    "max_connections",
+)
+
+
 def _per_type() -> list[int]:
     return [0] * 16  # indexed by MQTT packet type (first byte >> 4)
 
@@ -40,3 +57,9 @@ class Stats:
     packets_out: list[int] = field(default_factory=_per_type)  # from the upstream
     # How the CONNECT ended, set once: one of CONNECT_RESULTS, "" while undecided.
     connect_result: str = ""
+    # Times a limit bit (mqtt_front_limit_hits_total), by limit name: see broker.mqtt.limits and limits.* keys.
+    limit_hits: dict[str, int] = field(default_factory=dict)
+
+    def limit_hit(self, limit: str) -> None:
+        hits = self.limit_hits
+        hits[limit] = hits.get(limit, 0) + 1

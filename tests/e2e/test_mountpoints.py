@@ -632,7 +632,9 @@ MAX_NAME = 65535  # bytes: the longest MQTT string, so the longest topic or filt
 async def roomy(make_front: FrontFactory, team_users: Path) -> AsyncIterator[Team]:
     """The local setup with packets big enough for 64 KiB topics."""
     front = await make_front(auth={"users_file": str(team_users)}, acl=LOCAL_ACL,
-                             limits={"max_packet_size": 1_048_576, "connect_timeout": 2})
+                             limits={"max_packet_size": 1_048_576, "connect_timeout": 2,
+                                     "max_topic_length": 65_535, "max_alias_topic_length": 65_535,
+                                     "max_connect_size": 1_048_576})
     setup = Team("local", front, dict.fromkeys(USERS, PASSWORD))
     yield setup
     for client in setup.clients:

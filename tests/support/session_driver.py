@@ -84,3 +84,11 @@ class DrivenSession(Session):
         revoked = super().revoke_filters(filters)
         self._collect()
         return revoked
+
+    def continue_client(self) -> None:
+        super().continue_client()
+        self._collect()
+
+    def allow_publishes(self, messages: int, size: int) -> None:
+        super().allow_publishes(messages, size)
+        self._collect()

@@ -16,7 +16,7 @@ from broker.mqtt.packets import (
     encode_unsuback,
 )
 from broker.mqtt.reasons import DisconnectReason
-from broker.session import AuthResult, Close, SessionSettings, flows
+from broker.session import AuthResult, Close, SessionSettings
 from tests.support.mqtt_bytes import publish, split_packets, subscribe
 from tests.support.session_driver import DrivenSession
 
@@ -40,8 +40,8 @@ class Readable:
         return self._ok(topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter)
 
 
-def established(v5: bool, policy: Readable, mount: str = "") -> DrivenSession:
-    s = DrivenSession(SessionSettings(), peer="test")
+def established(v5: bool, policy: Readable, mount: str = "", settings: SessionSettings | None = None) -> DrivenSession:
+    s = DrivenSession(settings or SessionSettings(), peer="test")
     s.receive_client(encode_connect(Connect(5 if v5 else 4, True, 60, "alice", username="alice", password=b"pw")))
     s.auth_done(AuthResult(True, "alice", policy, "team1", mountpoint=mount))
     s.upstream_connected()
@@ -150,9 +150,8 @@ def test_disconnect_tells_a_v5_client_why(v5: bool) -> None:
 
 
 @pytest.mark.parametrize("v5", [True, False])
-def test_subscriptions_over_the_bound_are_refused(v5: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flows, "MAX_SUBSCRIPTIONS", 2)
-    s = established(v5, Readable("a/"))
+def test_subscriptions_over_the_bound_are_refused(v5: bool) -> None:
+    s = established(v5, Readable("a/"), settings=SessionSettings(max_subscriptions=2))
     subscribed(s, v5, ["a/1", "a/2"])
     s.receive_client(subscribe([("a/3", 0)], v5=v5, packet_id=2))
     assert s.out_upstream == []

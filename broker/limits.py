@@ -1,0 +1,94 @@
+"""The limits.* keys at run time: work budgets for new sessions, publish and connect rates.
+
+The server holds one :class:`Limits`; a reload hands it the new LimitsConfig. Work budgets go into
+the SessionSettings every new session reads (sessions already running keep theirs); rates live in
+:mod:`broker.session.ratelimit` buckets: a team's new rate applies to its connections at once, a
+new per-client rate to connections made after the reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from broker.auth.backoff import source_of
+from broker.config import LimitsConfig, RateConfig
+from broker.logs import log_event
+from broker.mqtt.limits import DecodeLimits
+from broker.session import SessionSettings
+from broker.session.ratelimit import ConnectRates, PublishLimiter, PublishRates, RateSpec
+
+log = logging.getLogger("mqtt_front.limits")
+
+
+def _spec(rate: RateConfig | None) -> RateSpec | None:
+    if rate is None or (rate.messages is None and rate.bytes is None):
+        return None
+    return (rate.messages, rate.messages_burst, rate.bytes, rate.bytes_burst)
+
+
+def apply_budgets(settings: SessionSettings, limits: LimitsConfig) -> None:
+    """Put the work budgets of ``limits`` into ``settings`` (read by each new session)."""
+    settings.max_packet_size = limits.max_packet_size
+    settings.max_connect_size = limits.max_connect_size
+    settings.decode_limits = DecodeLimits(
+        user_properties=limits.max_user_properties,
+        user_property_bytes=limits.max_user_property_bytes,
+        filters=limits.max_filters_per_packet,
+        topic_length=limits.max_topic_length,
+        topic_levels=limits.max_topic_levels,
+    )
+    settings.max_alias_topic_length = limits.max_alias_topic_length
+    settings.max_subscriptions = limits.max_subscriptions
+    settings.work_budget = limits.work_budget
+
+
+class Limits:
+    """Publish and connect rates of this process."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        rates = limits.publish_rate
+        self.publish = PublishRates(_spec(rates.client), _spec(rates.team))
+        self.disconnect_over_rate = rates.action == "disconnect"
+        self.connect: ConnectRates | None = None
+        self._logged = 0.0
+        self._unlogged = 0
+        self.configure(limits)
+
+    def configure(self, limits: LimitsConfig) -> None:
+        rates = limits.publish_rate
+        self.publish.configure(_spec(rates.client), _spec(rates.team), time.monotonic())
+        self.disconnect_over_rate = rates.action == "disconnect"
+        connect = limits.connect_rate
+        if connect is None:
+            self.connect = None
+        elif self.connect is None or (self.connect.rate, self.connect.burst) != (connect.per_source, connect.burst):
+            self.connect = ConnectRates(connect.per_source, connect.burst)
+
+    def publish_limiter(self, team: str | None) -> PublishLimiter | None:
+        return self.publish.limiter(team, time.monotonic())
+
+    def connection_refused(self, peer: str) -> str | None:
+        """limits.connect_rate: a reason string when ``peer``'s address opens connections too fast."""
+        connect = self.connect
+        if connect is None:
+            return None
+        source = source_of(peer)
+        now = time.monotonic()
+        if connect.allow(source, now):
+            return None
+        # A flood must not become a flood of log lines: one a second, with how many went unlogged.
+        if now - self._logged >= 1.0:
+            self._logged = now
+            log_event(
+                log,
+                logging.INFO,
+                "limit_exceeded",
+                limit="connect_rate",
+                peer=peer,
+                refused_since_last=self._unlogged,
+            )
+            self._unlogged = 0
+        else:
+            self._unlogged += 1
+        return f"connect_rate ({connect.rate:g}/s per source) exceeded"
