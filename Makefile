@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make run` installs the runtime dependencies only (no test tool chain): a stamp of its own.
+RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config/example.yaml
 
-.PHONY: run test lint typecheck unit mosquitto chromium node-deps bench clean
+.PHONY: run test lint typecheck unit mosquitto mosquitto-broker chromium promtool node-deps bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,14 +15,51 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
-run: $(STAMP)
+$(RUN_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[embedded,uvloop]'
+	@touch $@
+
+# No upstream in config/example.yaml: mqtt-front runs a managed Mosquitto (MQTT 5 and 3.1.1, loopback only)
+# when it is installed, else the amqtt fallback (MQTT 3.1.1 only).
+run: $(RUN_STAMP) mosquitto-broker
 	$(BIN)/mqtt-front run -c $(CONFIG)
+
+# The Mosquitto binary for `make run`'s embedded broker; the Debian package also starts a system service on
+# port 1883 (where config/example.yaml listens): mqtt-front runs its own Mosquitto, so that one is stopped.
+mosquitto-broker:
+	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto; then \
+		echo "mosquitto not found: installing mosquitto with apt-get (the embedded broker that serves MQTT 5 clients)"; \
+		if DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto; then \
+			if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then \
+				echo "stopping and disabling the mosquitto system service the package started (port 1883)"; \
+				systemctl disable --now mosquitto >/dev/null 2>&1 || true; \
+			fi; \
+		else \
+			echo "could not install mosquitto: mqtt-front falls back to amqtt (MQTT 3.1.1 clients only)"; \
+		fi; \
+	fi
 
 # Tests need a real Mosquitto (and its clients); install it when missing.
 mosquitto:
 	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto || ! command -v mosquitto_pub >/dev/null 2>&1; then \
 		echo "mosquitto not found: installing mosquitto and mosquitto-clients with apt-get"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients; \
+	fi
+
+# The alert rules (docker/prometheus/alerts.yml) and the dashboard's queries are checked with promtool
+# (tests/process/test_alerts.py, test_docker.py): Debian's prometheus package has it; install it when missing.
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		echo "promtool not found: installing prometheus (for promtool) with apt-get"; \
+		if DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; then \
+			if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then \
+				echo "stopping the prometheus service the package started (only promtool is needed)"; systemctl disable --now prometheus; \
+			fi; \
+		else \
+			echo "WARNING: promtool could not be installed: the alert rules get only the YAML shape test (the promtool tests are skipped)"; \
+		fi; \
 	fi
 
 # The browser tests (tests/e2e/test_browser.py) drive Debian's Chromium with playwright-core; install it when missing
@@ -54,7 +93,7 @@ $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund
 	@touch $@
 
-unit: $(STAMP) mosquitto chromium node-deps
+unit: $(STAMP) mosquitto chromium promtool node-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -q
 
 test: lint typecheck unit

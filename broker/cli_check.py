@@ -3,7 +3,9 @@
 Loads the users file, the ACL rules, every listener certificate, the upstream TLS files, the
 ``auth.http`` headers (``file:`` / ``env:`` values, with :func:`broker.auth.platform.resolve_headers`) and
 CA file, the ``auth.jwt`` keys (:class:`broker.auth.jwt.JwtVerifier`), and checks the ``acl.mountpoints``
-templates; the first problem is printed naming its key, exit 1.
+templates, resolves every bind's host (``getaddrinfo``, as ``run`` would) and refuses binds that overlap
+(:mod:`broker.config.binds`); the first problem is printed naming its key, exit 1. Upstream URLs are shown
+with their password starred, and the login line says where the password comes from, never what it is.
 
 ``--probe`` then sends one request to ``auth_url`` and one to ``acl_url``, as the broker would (same headers,
 CA, timeout, no redirects, no proxy from the environment), for a harmless identity no platform knows
@@ -30,10 +32,12 @@ from broker import __version__
 from broker.auth.jwt import JwtVerifier
 from broker.auth.platform import redact_url, resolve_headers, ssl_context
 from broker.auth.users import load_users
-from broker.config import Config, ConfigError, HttpAuthConfig, JwtAuthConfig, ListenerConfig
+from broker.config import Config, ConfigError, HttpAuthConfig, JwtAuthConfig, ListenerConfig, UpstreamConfig
+from broker.config.binds import Address, resolved_overlap
 from broker.edge.tls import TlsContexts
 from broker.server import build_acl
 from broker.session.mount import mountpoint_problem
+from broker.upstream.embedded import describe_embedded, embedded_problem, wants_embedded
 from broker.upstream.tls_config import check_upstream
 
 EXIT_OK, EXIT_INVALID, EXIT_PROBE_FAILED = 0, 1, 2
@@ -62,17 +66,24 @@ def check(config: Config, path: str, probe: bool = False) -> int:
         users = load_users(config.auth.users_file) if config.auth.users_file else {}
         engine = build_acl(config.acl)
         TlsContexts(config.listeners)  # loads every certificate and key as `run` would
-        upstream_lines = check_upstream(config.upstream) if config.upstream is not None else []
+        addresses = bind_addresses(config)
+        if (problem := embedded_problem(config)) is not None:  # a non-loopback listener and no upstream
+            raise ConfigError(problem)
+        embedded = describe_embedded() if wants_embedded(config) else None  # which one `run` would start
+        upstream_lines = check_upstream(config.upstream) if config.upstream is not None and not embedded else []
         auth_lines = auth_summary(config, len(users))
         acl_lines = acl_summary(config, len(engine.rules))
     except ConfigError as exc:
         print(f"mqtt-front: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(f"configuration {path} is valid")
-    for listener in config.listeners:
-        print(f"  listener {listener.name}: {listener.type} on {listener.bind}{_listener_extras(listener)}")
-    if config.upstream is None:
-        print("  upstream: embedded amqtt broker on loopback (MQTT 3.1.1 clients only)")
+    for i, listener in enumerate(config.listeners):
+        where = listener.bind + _resolved(listener.host_port[0], addresses[f"listeners.{i}.bind"])
+        print(f"  listener {listener.name}: {listener.type} on {where}{_listener_extras(listener)}")
+    if embedded is not None:
+        print(f"  {embedded}")
+    if upstream_lines and config.upstream is not None:
+        upstream_lines.insert(1, upstream_login(config.upstream))
     for line in [*upstream_lines, *auth_lines, *acl_lines]:
         print(f"  {line}")
     ops = config.metrics
@@ -86,6 +97,36 @@ def check(config: Config, path: str, probe: bool = False) -> int:
         print("  probe: nothing to probe (auth.http is not set)")
         return EXIT_OK
     return probe_platform(config.auth.http)
+
+
+def bind_addresses(config: Config) -> dict[str, list[Address]]:
+    """The addresses of every bind (listeners, metrics.bind, admin.bind) by key, names resolved as ``run``
+    would; ConfigError for a name that does not resolve and for two binds that overlap (wildcard included)."""
+    resolved, overlap = resolved_overlap(config.binds)
+    if overlap is not None:
+        raise ConfigError(overlap)
+    return resolved
+
+
+def _resolved(host: str, addresses: list[Address]) -> str:
+    if [str(address) for address in addresses] == [host]:
+        return ""  # an IP address already
+    return f" ({host} is {', '.join(str(address) for address in addresses)})"
+
+
+def upstream_login(up: UpstreamConfig) -> str:
+    """Who the front broker is upstream, and where the password comes from (never the password)."""
+    if up.username is None and up.password is None:
+        return "upstream login: anonymous (no upstream.username)"
+    if up.password_file is not None:
+        source = f"password from {up.password_file}"
+    elif up.password is None:
+        source = "no password"
+    elif any("@" in url for url in up.all_urls):
+        source = "password from the URL"
+    else:
+        source = "password from upstream.password"
+    return f"upstream login: {up.username or '(empty username)'}, {source}"
 
 
 def _listener_extras(listener: ListenerConfig) -> str:

@@ -39,11 +39,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 from broker import __version__
 from broker.auth.http_client import HttpClient, HttpError, Response, SlotTimeout, Target
 from broker.config import ConfigError, HttpAuthConfig
+from broker.config import redact_url as _redact_url
 from broker.logs import log_event
 
 log = logging.getLogger("mqtt_front.auth.platform")
@@ -146,12 +146,9 @@ def client_fingerprint(config: HttpAuthConfig, headers: Mapping[str, str] | None
 
 
 def redact_url(url: str) -> str:
-    """A URL fit for logs: userinfo replaced by ``***``, query and fragment left out (they may carry tokens)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """A platform URL fit for logs: userinfo replaced by ``***``, query and fragment left out (they may carry
+    tokens); :func:`broker.config.redact_url`, the helper every printed URL goes through."""
+    return _redact_url(url, show_username=False)
 
 
 def ssl_context(ca_file: Path | None) -> ssl.SSLContext:

@@ -1,6 +1,9 @@
-"""What every part of the configuration shares: the error type, host:port parsing, the strict model base."""
+"""What every part of the configuration shares: the error type, host:port parsing, URL redaction, the strict
+model base."""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,6 +30,23 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     if not 0 <= port <= 65535:
         raise ValueError(f"{value!r}: port {port} out of range")
     return host, port
+
+
+def redact_url(url: str, *, show_username: bool = True) -> str:
+    """A URL fit for output and logs: ``mqtt://front:***@host:1884``. The password of the userinfo is starred
+    (with ``show_username=False`` the whole userinfo: ``***@host``); the query and fragment, which may carry
+    tokens, are left out. The one helper for every URL printed or logged."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        username, colon, _ = userinfo.partition(":")
+        if not show_username:
+            userinfo = "***"
+        elif colon:
+            userinfo = f"{username}:***"
+        netloc = f"{userinfo}@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class _Model(BaseModel):

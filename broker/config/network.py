@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from broker.config.base import _Model, parse_hostport
+from broker.config.base import _Model, parse_hostport, redact_url
 
 
 class ListenerTlsConfig(_Model):
@@ -102,15 +102,26 @@ class ListenerConfig(_Model):
 
 def _upstream_url(value: str) -> str:
     parts = urlsplit(value)
+    shown = redact_url(value)  # an error message is output too: never the password of the userinfo
     if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"{value!r}: scheme must be mqtt:// (plain) or mqtts:// (TLS), then host:port")
+        raise ValueError(f"{shown!r}: scheme must be mqtt:// (plain) or mqtts:// (TLS), then host:port")
     if not parts.hostname:
-        raise ValueError(f"{value!r} has no host")
+        raise ValueError(f"{shown!r} has no host")
     try:
         _ = parts.port
     except ValueError as exc:
-        raise ValueError(f"{value!r}: {exc}") from None
+        raise ValueError(f"{shown!r}: {exc}") from None
     return value
+
+
+def _userinfo(url: object) -> tuple[str, str | None] | None:
+    """(username, password) of ``scheme://user:password@host``, percent-decoded; None without userinfo."""
+    if not isinstance(url, str):
+        return None
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return None
+    return unquote(parts.username or ""), unquote(parts.password) if parts.password is not None else None
 
 
 UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
@@ -141,12 +152,51 @@ class UpstreamConfig(_Model):
     tls: UpstreamTlsConfig | None = None
     username: str | None = None
     password: str | None = None
+    # The password is its first line; relative to the configuration file; read at load and on every reload.
+    password_file: Path | None = None
     connect_timeout: float = Field(default=5.0, gt=0)  # per upstream tried, TCP and TLS handshake
+    # true: the embedded broker (as with no upstream section), said explicitly, which also lets it serve
+    # listeners on non-loopback addresses (see broker.upstream.embedded); no url, urls or credentials then.
+    embedded: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_userinfo(cls, data: Any) -> Any:
+        """``mqtt://front:s3cret@host`` is the front broker's identity upstream: the same as username and
+        password. Given twice (userinfo and the keys, or two different userinfos) it is refused, not guessed."""
+        if not isinstance(data, dict):
+            return data
+        urls = data.get("urls") if data.get("url") is None else [data["url"]]
+        if not isinstance(urls, list):
+            return data
+        found = {_userinfo(url) for url in urls}
+        if found <= {None}:
+            return data
+        if len(found) > 1:
+            raise ValueError("urls differ in their user:password@: give the credentials once, as username and password")
+        if any(data.get(key) is not None for key in ("username", "password", "password_file")):
+            raise ValueError("the URL has user:password@ and username/password are set too: give the credentials once")
+        username, password = found.pop() or ("", None)
+        return {**data, "username": username, "password": password}
+
+    @model_validator(mode="after")
+    def _one_password(self) -> UpstreamConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        return self
 
     @model_validator(mode="after")
     def _urls(self) -> UpstreamConfig:
+        if self.embedded:
+            extra = sorted(self.model_fields_set - {"embedded", "connect_timeout"})
+            if extra:
+                raise ValueError(
+                    f"embedded: true runs the embedded broker, which the front broker configures itself: "
+                    f"remove {', '.join(extra)} (or set embedded: false to use your own broker)"
+                )
+            return self
         if (self.url is None) == (self.urls is None):
-            raise ValueError("give either url or urls (a list), not both and not neither")
+            raise ValueError("give either url or urls (a list), not both and not neither (or embedded: true)")
         urls = self.all_urls
         if not urls:
             raise ValueError("urls is empty")
@@ -164,11 +214,14 @@ class UpstreamConfig(_Model):
 
     @property
     def all_urls(self) -> list[str]:
-        return [self.url] if self.url is not None else list(self.urls or [])
+        """The URLs as logs and output show them (a userinfo's password starred: the credentials are in
+        ``username`` and ``password``); labels, targets and ``check`` all read these."""
+        return [redact_url(url) for url in ([self.url] if self.url is not None else (self.urls or []))]
 
     @property
     def uses_tls(self) -> bool:
-        return urlsplit(self.all_urls[0]).scheme == "mqtts"
+        urls = self.all_urls  # none with embedded: true
+        return bool(urls) and urlsplit(urls[0]).scheme == "mqtts"
 
     @property
     def endpoints(self) -> list[tuple[str, str, int]]:

@@ -22,12 +22,17 @@ import ssl
 from typing import Any, cast
 
 from broker.edge.proxy_protocol import ProxyHeader, ProxyHeaderParser, ProxyProtocolError
+from broker.edge.tls import HandshakeFailures
 from broker.logs import format_peer, log_event
 from broker.relay import ProtocolFactory
 
 log = logging.getLogger("mqtt_front.proxy")
 
 _handshakes: set[asyncio.Task[None]] = set()  # strong references to running TLS handshakes
+
+# Why a connection was refused before its header was read: the ``reason`` values of
+# mqtt_front_handshake_failures_total (a fixed set).
+PROXY_REFUSALS = ("proxy_invalid", "proxy_timeout")
 
 
 class PeerTransport(asyncio.Transport):
@@ -138,11 +143,13 @@ class ProxyHeaderReader(asyncio.BufferedProtocol):
         listener: str,
         ssl_context: ssl.SSLContext | None,
         timeout: float,
+        failures: HandshakeFailures | None = None,
     ) -> None:
         self.inner_factory = inner_factory
         self.listener = listener
         self.ssl_context = ssl_context
         self.timeout = timeout
+        self.failures = failures  # refused headers are counted here (None: not counted)
         self.parser = ProxyHeaderParser()
         self.transport: asyncio.Transport | None = None
         self.real_peer = "?"
@@ -184,16 +191,18 @@ class ProxyHeaderReader(asyncio.BufferedProtocol):
     def _on_timeout(self) -> None:
         self._timer = None
         if not self._done:
-            self._refuse(f"no PROXY protocol header within {self.timeout:g}s")
+            self._refuse(f"no PROXY protocol header within {self.timeout:g}s", "proxy_timeout")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str, kind: str = "proxy_invalid") -> None:
         self._done = True
         self._cancel_timer()
+        if self.failures is not None:
+            self.failures.count(self.listener, kind)
         log_event(log, logging.INFO, "proxy_header_refused", listener=self.listener, peer=self.real_peer, reason=reason)
         if self.transport is not None:
             self.transport.abort()
@@ -279,14 +288,15 @@ def proxy_protocol_factory(
     listener: str,
     ssl_context: ssl.SSLContext | None,
     timeout: float,
+    failures: HandshakeFailures | None = None,
 ) -> ProtocolFactory:
     """A protocol factory for a ``proxy_protocol: true`` listener.
 
     The caller must pass it to ``create_server`` *without* ``ssl=``: with ``ssl_context`` set, the
-    reader runs the TLS handshake itself once the header is read.
+    reader runs the TLS handshake itself once the header is read. Refused headers are counted in ``failures``.
     """
 
     def make() -> asyncio.BaseProtocol:
-        return ProxyHeaderReader(inner_factory, listener, ssl_context, timeout)
+        return ProxyHeaderReader(inner_factory, listener, ssl_context, timeout, failures)
 
     return make

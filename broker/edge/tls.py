@@ -7,7 +7,8 @@ handshakes only: established connections keep their session untouched.
 
 The version table, the never-prompt key policy and the PEM checks are :mod:`broker.tlsfiles`'
 (shared with the upstream side). This module must not know the front broker or a connection:
-callers hand it listener configs and get contexts back (:func:`server_ssl_context`).
+callers hand it listener configs and get contexts back (:func:`server_ssl_context`). It also holds the
+listeners' counts of refused handshakes (:class:`HandshakeFailures`; the metrics read them).
 """
 
 from __future__ import annotations
@@ -39,10 +40,72 @@ log = logging.getLogger("mqtt_front.tls")
 
 POLL_INTERVAL = 2.0  # seconds between checks of the certificate files' mtimes
 
+# Why a TLS handshake failed: the ``reason`` values of mqtt_front_handshake_failures_total (a fixed set).
+TLS_FAILURES = (
+    "tls_server_name",  # the SNI name is not in server_names (or there was none)
+    "tls_client_certificate",  # no client certificate where one is required, or one that does not verify
+    "tls_certificate_rejected",  # the client refused this listener's certificate (its alert says so)
+    "tls_version",  # no TLS version or cipher in common
+    "tls_not_tls",  # plain MQTT or HTTP on a TLS port
+    "tls_handshake",  # any other handshake error
+)
+_TLS_REASONS = {
+    "CALLBACK_FAILED": "tls_server_name",  # the SNI callback is the only callback a listener context has
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "tls_client_certificate",
+    "CERTIFICATE_VERIFY_FAILED": "tls_client_certificate",
+    "UNSUPPORTED_PROTOCOL": "tls_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "tls_version",
+    "NO_SHARED_CIPHER": "tls_version",
+    "WRONG_VERSION_NUMBER": "tls_not_tls",
+    "HTTP_REQUEST": "tls_not_tls",
+    "HTTPS_PROXY_REQUEST": "tls_not_tls",
+}
+
+
+class HandshakeFailures:
+    """Refused handshakes (TLS, WebSocket upgrade, PROXY header) per (listener, reason): plain integers
+    the listeners count into once per refused connection, read by the metrics collector at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def count(self, listener: str, reason: str) -> None:
+        key = (listener, reason)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+def tls_failure_reason(exc: ssl.SSLError) -> str:
+    """The TLS_FAILURES value for a failed server-side handshake."""
+    reason = exc.reason or ""
+    known = _TLS_REASONS.get(reason)
+    if known is not None:
+        return known
+    if "_ALERT_" in reason and ("CERTIFICATE" in reason or reason.endswith("UNKNOWN_CA")):
+        return "tls_certificate_rejected"
+    return "tls_handshake"
+
+
+def _counting_sslobject(failures: HandshakeFailures, listener: str) -> type[ssl.SSLObject]:
+    """The SSLObject class of a listener's context: counts the handshakes that fail. asyncio and uvloop
+    call do_handshake until the handshake is done; reads and writes are not overridden, so they cost the same."""
+
+    class CountingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                failures.count(listener, tls_failure_reason(exc))
+                raise
+
+    return CountingSSLObject
+
 
 @dataclass(frozen=True, slots=True)
 class ChainInfo:
     key_type: str | None
+    cert_pem: bytes = b""  # the certificate chain loaded (for its expiry in the metrics)
 
 
 def read_chain(cert: Path, key: Path, where: str) -> tuple[bytes, bytes]:
@@ -88,7 +151,7 @@ def load_chain(context: ssl.SSLContext, cert: Path, key: Path, where: str) -> Ch
     """Load a certificate chain and its key; ConfigError naming the key and file on failure."""
     chain = read_chain(cert, key, where)
     load_chain_bytes(context, chain, cert, key, where)
-    return ChainInfo(key_type(chain[1]))
+    return ChainInfo(key_type(chain[1]), chain[0])
 
 
 def server_name_allowed(name: str | None, allowed: Sequence[str]) -> bool:
@@ -194,6 +257,7 @@ class ListenerTls:
     context: ssl.SSLContext
     key_type: str | None
     stamps: tuple[tuple[int, int, int] | None, ...]
+    cert_pem: bytes = b""  # the chain in use: set at start and by every reload that loaded one
 
     def current_stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
         return (_stamp(self.config.cert), _stamp(self.config.key))
@@ -210,6 +274,7 @@ class TlsContexts:
     def __init__(self, listeners: Sequence[ListenerConfig]) -> None:
         self.listeners: dict[str, ListenerTls] = {}
         self.poll_interval = POLL_INTERVAL
+        self.failures = HandshakeFailures()  # every listener's refused handshakes (the edge counts into it)
         self._task: asyncio.Task[None] | None = None
         for i, listener in enumerate(listeners):
             if listener.tls is None:
@@ -217,8 +282,9 @@ class TlsContexts:
             where = f"listeners.{i}.tls"
             stamps = (_stamp(listener.tls.cert), _stamp(listener.tls.key))
             context, info = build_server_context(listener.tls, where, listener.name)
+            context.sslobject_class = _counting_sslobject(self.failures, listener.name)
             self.listeners[listener.name] = ListenerTls(
-                listener.name, where, listener.tls, context, info.key_type, stamps
+                listener.name, where, listener.tls, context, info.key_type, stamps, info.cert_pem
             )
 
     def context(self, listener: str) -> ssl.SSLContext | None:
@@ -260,6 +326,7 @@ class TlsContexts:
                     f"{item.where}.key: key type changed ({item.key_type} -> {new_type}); restart to change it"
                 )
             load_chain_bytes(item.context, chain, cert, key, item.where)
+            item.cert_pem = chain[0]
         except (ConfigError, ssl.SSLError, OSError) as exc:
             log_event(
                 log,

@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from websockets.exceptions import NegotiationError
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_TEXT, CloseCode, Frame
@@ -38,6 +39,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from broker.config import ListenerConfig
+from broker.edge.tls import HandshakeFailures
 from broker.edge.ws_frames import FrameSplitter, Handover, binary_frame
 from broker.edge.ws_policy import (
     BAD_REQUEST,
@@ -61,6 +63,26 @@ _lib_log = logging.getLogger("mqtt_front.websocket.lib")
 _lib_log.setLevel(logging.WARNING)
 _lib_log.propagate = True
 
+# Why an upgrade was refused: the ``reason`` values of mqtt_front_handshake_failures_total (a fixed set).
+WS_REFUSALS = ("ws_path", "ws_host", "ws_origin", "ws_subprotocol", "ws_bad_request", "ws_timeout")
+
+
+def refusal_reason(refusal: tuple[int, str] | None, exc: BaseException | None) -> str:
+    """The WS_REFUSALS value of a refused upgrade: ``refusal`` is screen_request's answer, ``exc`` the
+    library's reason when it refused (the upgrade headers, the subprotocol)."""
+    if refusal is not None:
+        status, text = refusal
+        if status == 404:
+            return "ws_path"
+        if text == "origin not allowed":
+            return "ws_origin"
+        if text in ("host not allowed", "missing Host header"):
+            return "ws_host"
+        return "ws_bad_request"  # a duplicate Host or Origin header
+    if isinstance(exc, NegotiationError) and "subprotocol" in str(exc):
+        return "ws_subprotocol"
+    return "ws_bad_request"
+
 
 class WebSocketConnection(asyncio.Protocol):
     """One ws/wss client socket: the asyncio protocol of the socket, and the
@@ -72,10 +94,12 @@ class WebSocketConnection(asyncio.Protocol):
         listener: str,
         policy: WsPolicy,
         extensions: Sequence[ServerExtensionFactory] | None = None,
+        failures: HandshakeFailures | None = None,
     ) -> None:
         self.host = host
         self.listener = listener
         self.policy = policy
+        self.failures = failures  # refused upgrades are counted here (None: not counted)
         required = policy.require_subprotocol
 
         def choose(_protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
@@ -248,6 +272,7 @@ class WebSocketConnection(asyncio.Protocol):
         ws.send_response(response)
         if response.status_code != 101:
             reason = refusal[1] if refusal is not None else str(ws.handshake_exc or response.reason_phrase)
+            self._count(refusal_reason(refusal, ws.handshake_exc))
             log_event(
                 log,
                 logging.INFO,
@@ -312,6 +337,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self.ws.handshake_exc is not None and self.ws.state is not OPEN and not out:
             # An unparsable HTTP request: the library closes without a word; say why.
             transport.write(BAD_REQUEST)
+            self._count("ws_bad_request")
             log_event(
                 log,
                 logging.INFO,
@@ -329,6 +355,7 @@ class WebSocketConnection(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.conn is None and not self._closing and self.transport is not None:
+            self._count("ws_timeout")
             log_event(
                 log,
                 logging.INFO,
@@ -344,6 +371,10 @@ class WebSocketConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _count(self, reason: str) -> None:
+        if self.failures is not None:
+            self.failures.count(self.listener, reason)
 
     # ------------------------------------------------------------ ClientTransport
 
@@ -397,13 +428,16 @@ class WebSocketConnection(asyncio.Protocol):
         return 0 if self.transport is None else self.transport.get_write_buffer_size()
 
 
-def websocket_factory(host: ConnectionHost, listener: ListenerConfig) -> Callable[[], WebSocketConnection]:
-    """The protocol factory of a ws listener (the policy is computed once); pass it to ``create_server``."""
+def websocket_factory(
+    host: ConnectionHost, listener: ListenerConfig, failures: HandshakeFailures | None = None
+) -> Callable[[], WebSocketConnection]:
+    """The protocol factory of a ws listener (the policy is computed once); pass it to ``create_server``.
+    Refused upgrades are counted in ``failures``."""
     policy = WsPolicy.from_listener(listener)
     extensions = enable_server_permessage_deflate(None) if policy.compression else None
     name = listener.name
 
     def factory() -> WebSocketConnection:
-        return WebSocketConnection(host, name, policy, extensions)
+        return WebSocketConnection(host, name, policy, extensions, failures)
 
     return factory

@@ -2,7 +2,9 @@
 
 With ``--workers N`` each worker serves its own endpoint on a unix socket; the parent serves
 ``metrics.bind`` and answers from all of them: metrics are summed sample by sample (so a
-counter is the total over workers), health and readiness hold only if every worker says so.
+counter is the total over workers; a few gauges take the worst worker's value instead: start
+and reload times, reload success, certificate expiry), health and readiness hold only if every
+worker says so.
 """
 
 from __future__ import annotations
@@ -43,9 +45,15 @@ async def fetch(path: str, socket_path: str) -> tuple[int, bytes]:
     return status, body
 
 
+# Gauges that do not add up over workers: the worst worker's value is the process's. A start time and the
+# last reload are the oldest worker's, a reload succeeded only if it did in every worker, a certificate
+# expires in the least time any worker has left.
+_WORST = ("_start_time_seconds", "_timestamp_seconds", "_reload_success", "_expiry_seconds")
+
+
 def _combine(name: str, values: list[float]) -> float:
-    # A start time is the oldest worker's; an info metric is 1; everything else adds up.
-    if name.endswith("_start_time_seconds"):
+    # An info metric is 1; everything else adds up.
+    if name.endswith(_WORST):
         return min(values)
     if name.endswith("_info"):
         return max(values)

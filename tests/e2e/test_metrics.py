@@ -16,7 +16,24 @@ from tests.support.ports import free_port
 
 TIMEOUT = 10.0
 METRICS = {"bind": "127.0.0.1:0"}
-ALLOWED_LABELS = {"le", "listener", "team", "direction", "action", "result", "type", "upstream", "version"}
+ALLOWED_LABELS = {
+    "le",
+    "listener",
+    "team",
+    "direction",
+    "action",
+    "result",
+    "type",
+    "upstream",
+    "version",
+    "backend",
+    "reason",
+    "limit",
+}
+# Who sends which packet (MQTT 5.0 section 2.1.2): in = from clients, out = from the upstream.
+BOTH_WAYS = {"publish", "puback", "pubrec", "pubrel", "pubcomp", "disconnect", "auth"}
+PACKETS_IN = {"connect", "subscribe", "unsubscribe", "pingreq"} | BOTH_WAYS
+PACKETS_OUT = {"connack", "suback", "unsuback", "pingresp"} | BOTH_WAYS
 
 
 def publish_size(topic: str, payload: bytes, qos: int) -> int:
@@ -206,3 +223,25 @@ async def test_team_label_cap_folds_into_other(make_front: FrontFactory) -> None
             teams |= s.label_values(name, "team")
     assert teams == {"team1", "team2", "_other", "_none"}
     assert "team10" not in s.text
+
+
+async def test_no_created_series_and_only_possible_packet_pairs(make_front: FrontFactory) -> None:
+    front = await make_front(metrics=METRICS)
+    # Traffic first: every kind of prometheus_client metric has a child by now (counters, histograms).
+    async with client(front, "project:team1:p1") as c:
+        await c.subscribe("ff/v1/team1/p/p1/out/#", qos=1)
+        await c.publish("ff/v1/team1/p/p1/out/x", b"1", qos=2)
+        await c.unsubscribe("ff/v1/team1/p/p1/out/#")
+    s = await wait_scrape(front, lambda r: r.get("mqtt_front_connections_closed_total", listener="mqtt", team="team1"))
+    # Counters and histograms of prometheus_client are there, and none has a _created twin.
+    assert {"mqtt_front_connections_accepted_total", "mqtt_front_upstream_connect_seconds_count"} <= s.names
+    assert not [name for name in s.names if name.endswith("_created")]
+    assert "_created" not in s.text
+    pairs = {(dict(labels)["direction"], dict(labels)["type"]) for labels in s.series("mqtt_front_packets_total")}
+    assert pairs == {("in", t) for t in PACKETS_IN} | {("out", t) for t in PACKETS_OUT}
+    assert ("in", "connack") not in pairs and ("out", "connect") not in pairs and ("out", "subscribe") not in pairs
+    # The pairs that occurred are counted.
+    assert s.get("mqtt_front_packets_total", direction="in", type="unsubscribe") == 1
+    assert s.get("mqtt_front_packets_total", direction="out", type="unsuback") == 1
+    assert s.get("mqtt_front_packets_total", direction="out", type="pubrec") == 1
+    assert s.get("mqtt_front_packets_total", direction="in", type="pubrel") == 1

@@ -15,7 +15,7 @@ def _families(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]
     return {
         f.name: [(s.labels, s.value) for s in f.samples]
         for f in text_string_to_metric_families(text)
-        if f.name.startswith("mqtt_front_auth")
+        if f.name.startswith("mqtt_front_auth") and f.name != "mqtt_front_auth_duration_seconds"  # every backend's
     }
 
 
