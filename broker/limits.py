@@ -1,9 +1,10 @@
 """The limits.* keys at run time: work budgets for new sessions, publish and connect rates.
 
 The server holds one :class:`Limits`; a reload hands it the new LimitsConfig. Work budgets go into
-the SessionSettings every new session reads (sessions already running keep theirs); rates live in
-:mod:`broker.session.ratelimit` buckets: a team's new rate applies to its connections at once, a
-new per-client rate to connections made after the reload.
+the SessionSettings the sessions share (decode caps and the work budget reach running sessions at
+once; alias and subscription caps are taken at a session's start); rates live in
+:mod:`broker.session.ratelimit` buckets: a team's changed rate applies at once to the connections it
+limits, a per-client rate (or one that was off) to connections made after the reload.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ class Limits:
             self.connect = ConnectRates(connect.per_source, connect.burst)
 
     def publish_limiter(self, team: str | None) -> PublishLimiter | None:
-        return self.publish.limiter(team, time.monotonic())
+        limiter = self.publish.limiter(team, time.monotonic())
+        if limiter is not None:
+            limiter.disconnect = self.disconnect_over_rate
+        return limiter
 
     def connection_refused(self, peer: str) -> str | None:
         """limits.connect_rate: a reason string when ``peer``'s address opens connections too fast."""

@@ -96,10 +96,6 @@ class ConnectionHost(Protocol):
     def publish_limiter(self, team: str | None) -> PublishLimiter | None:
         """The publish rate limits of a client just admitted for ``team`` (None: none apply)."""
 
-    @property
-    def rate_disconnects(self) -> bool:
-        """limits.publish_rate.action: True disconnects a client over its rate, False pauses its reading."""
-
 
 def _join(parts: list[bytes]) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -134,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         self._linger: Linger | None = None
         self.limiter: PublishLimiter | None = None  # limits.publish_rate, charged at the session's RateChecks
         self._throttled = False  # reading stopped until the rate limit's tokens refill
+        self._throttle: asyncio.TimerHandle | None = None
         self._throttle_logged = 0.0  # when the last publish_rate log line for this connection was written
 
     # ------------------------------------------------------------ client transport events
@@ -177,17 +174,19 @@ class ClientConnection(asyncio.Protocol):
         now = time.monotonic()
         if now - self._throttle_logged >= 60.0:  # one line a minute per connection, however hard it pushes
             self._throttle_logged = now
-            action = "disconnect" if self.host.rate_disconnects else "pause"
+            action = "disconnect" if limiter.disconnect else "pause"
             fields = {"peer": self.peer, "user": session.username, "limit": "publish_rate", "action": action}
             log_event(log, logging.INFO, "limit_exceeded", **fields)
-        if self.host.rate_disconnects:
+        if limiter.disconnect:
             session.disconnect(DisconnectReason.MESSAGE_RATE_TOO_HIGH, "message rate too high")
             return
         self._throttled = True  # the session holds the client's bytes meanwhile; its reading is paused
-        asyncio.get_running_loop().call_later(wait, self._rate_refilled)
+        # Out of debt, plus 50 ms of tokens: waking at zero would let one message through per wake-up.
+        self._throttle = asyncio.get_running_loop().call_later(wait + 0.05, self._rate_refilled)
 
     def _rate_refilled(self) -> None:
         self._throttled = False
+        self._throttle = None
         if self.session is not None and not self._closed:
             self._allow_publishes()
             self._pump()
@@ -440,6 +439,9 @@ class ClientConnection(asyncio.Protocol):
             self.host.release_team(self._team_slot)
             self._team_slot = None
         self._cancel_timer()
+        if self._throttle is not None:
+            self._throttle.cancel()
+            self._throttle = None
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None

@@ -381,10 +381,6 @@ class FrontBroker:
     def publish_limiter(self, team: str | None) -> PublishLimiter | None:
         return self.limits.publish_limiter(team)
 
-    @property
-    def rate_disconnects(self) -> bool:
-        return self.limits.disconnect_over_rate
-
     async def admit(self, request: Authenticate, conn: ClientConnection) -> AuthResult:
         since = self.control.generation
         result = await self.admission.admit(request, conn.listener, conn.transport, conn.peer)

@@ -34,6 +34,11 @@ class FairQueue:
     def queued(self) -> int:
         return sum(len(jobs) for users in self._sources.values() for jobs in users.values())
 
+    def queued_for(self, source: str) -> int:
+        """Jobs of ``source`` waiting for a thread (not those running)."""
+        users = self._sources.get(source)
+        return sum(len(jobs) for jobs in users.values()) if users else 0
+
     async def run(self, source: str, username: str, fn: Callable[..., T], *args: Any) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         users = self._sources.get(source)
@@ -42,9 +47,25 @@ class FairQueue:
         jobs = users.get(username)
         if jobs is None:
             jobs = users[username] = deque()
-        jobs.append((future, fn, args))
+        job = (future, fn, args)
+        jobs.append(job)
         self._dispatch()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._forget(source, username, job)  # the client went away: its place in the queue goes too
+            raise
+
+    def _forget(self, source: str, username: str, job: _Job) -> None:
+        users = self._sources.get(source)
+        jobs = users.get(username) if users else None
+        if users is None or jobs is None or job not in jobs:
+            return  # already taken by a thread
+        jobs.remove(job)
+        if not jobs:
+            del users[username]
+            if not users:
+                del self._sources[source]
 
     def _dispatch(self) -> None:
         sources = self._sources

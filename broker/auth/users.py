@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import yaml
@@ -229,7 +230,9 @@ class Authenticator:
         self.max_pending = max_pending
         self.pending = 0
         self._cache: dict[bytes, tuple[float, bool]] = {}
-        self._running: dict[bytes, tuple[bytes | None, asyncio.Task[bool]]] = {}  # checks in progress, by key
+        # Checks in progress by key: [the hash checked against, the task, how many CONNECTs wait for it].
+        self._running: dict[bytes, list[Any]] = {}
+        self._pending_by_source: dict[str, int] = {}  # pending checks by source address (at most an eighth each)
         self._salt = secrets.token_bytes(16)  # cache keys are useless outside this process
         threads = workers or os.cpu_count() or 2
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bcrypt")
@@ -262,15 +265,26 @@ class Authenticator:
         # The same credentials checked concurrently (a fleet reconnecting after an outage) cost one bcrypt.
         running = self._running.get(key)
         if running is None or running[0] is not hashed:
-            if self.pending >= self.max_pending:
+            # One address may hold at most an eighth of the queue: a flood from it cannot make every
+            # other address's logins "server busy".
+            from_source = self._pending_by_source.get(source, 0)
+            if self.pending >= self.max_pending or from_source >= max(8, self.max_pending // 8):
                 return Verdict(False, False, busy=True)
             self.pending += 1  # now, not when the task starts: checks arriving in this loop turn count it
+            self._pending_by_source[source] = from_source + 1
             task = asyncio.ensure_future(self._bcrypt(source, username, password, hashed))
-            self._running[key] = (hashed, task)
-            task.add_done_callback(partial(self._ran, key))
+            running = self._running[key] = [hashed, task, 0]
+            task.add_done_callback(partial(self._ran, key, source))
         else:
             task = running[1]
-        ok = await asyncio.shield(task)  # a waiter that goes away leaves the check to the others
+        running[2] += 1
+        try:
+            ok = await asyncio.shield(task)  # a waiter that goes away leaves the check to the others...
+        except asyncio.CancelledError:
+            running[2] -= 1
+            if not running[2]:
+                task.cancel()  # ...and when the last one went away, a check still queued is not run
+            raise
         # A reload during the check (the user removed, the password changed): the answer is for a file
         # that is gone, so it refuses and is not remembered.
         ok = ok and hashed is not None and self.users.get(username) is hashed
@@ -283,8 +297,11 @@ class Authenticator:
     async def _bcrypt(self, source: str, username: str, password: bytes, hashed: bytes | None) -> bool:
         return await self._queue.run(source, username, _checkpw, password, hashed or self._dummy)
 
-    def _ran(self, key: bytes, task: asyncio.Task[bool]) -> None:
+    def _ran(self, key: bytes, source: str, task: asyncio.Task[bool]) -> None:
         self.pending -= 1  # here, not in _bcrypt: a task cancelled before it started still counted
+        left = self._pending_by_source.pop(source) - 1
+        if left:
+            self._pending_by_source[source] = left
         running = self._running.get(key)
         if running is not None and running[1] is task:
             del self._running[key]

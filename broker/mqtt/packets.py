@@ -417,7 +417,7 @@ class Ack:
     properties: Properties | None = None
 
 
-def decode_ack(buf: bytes, start: int, end: int, v5: bool) -> Ack:
+def decode_ack(buf: bytes, start: int, end: int, v5: bool, limits: DecodeLimits = UNLIMITED) -> Ack:
     pos = body_start(buf, start)
     packet_id, pos = read_u16(buf, pos, end)
     if packet_id == 0:
@@ -432,7 +432,7 @@ def decode_ack(buf: bytes, start: int, end: int, v5: bool) -> Ack:
         code = buf[pos]
         pos += 1
         if pos < end:
-            props, pos = decode_properties(buf, pos, end, Ctx.ACK)
+            props, pos = decode_properties(buf, pos, end, Ctx.ACK, limits)
     if pos != end:
         raise MalformedPacket("trailing bytes after acknowledgement")
     return Ack(packet_id, code, props)
@@ -457,7 +457,7 @@ class Disconnect:
     properties: Properties | None = None
 
 
-def decode_disconnect(buf: bytes, start: int, end: int, v5: bool) -> Disconnect:
+def decode_disconnect(buf: bytes, start: int, end: int, v5: bool, limits: DecodeLimits = UNLIMITED) -> Disconnect:
     pos = body_start(buf, start)
     if not v5:
         if pos != end:
@@ -469,7 +469,7 @@ def decode_disconnect(buf: bytes, start: int, end: int, v5: bool) -> Disconnect:
         code = buf[pos]
         pos += 1
         if pos < end:
-            props, pos = decode_properties(buf, pos, end, Ctx.DISCONNECT)
+            props, pos = decode_properties(buf, pos, end, Ctx.DISCONNECT, limits)
     if pos != end:
         raise MalformedPacket("trailing bytes after DISCONNECT")
     return Disconnect(code, props)

@@ -174,7 +174,12 @@ def decode_properties(
         if ident in _NONZERO and value == 0:
             raise ProtocolViolation(f"property 0x{ident:02x} must not be 0")
         if ident in REPEATABLE:
-            props.setdefault(ident, []).append(value)
+            values = props.setdefault(ident, [])
+            if values and ident == Prop.SUBSCRIPTION_IDENTIFIER and limits is not UNLIMITED:
+                # Only the upstream may send several (a delivery matching several subscriptions): from a
+                # client a second one is an error anyway, refused before half a million are built.
+                raise ProtocolViolation("Subscription Identifier more than once")
+            values.append(value)
         elif ident in props:
             raise ProtocolViolation(f"property 0x{ident:02x} appears twice")
         else:

@@ -70,7 +70,9 @@ class Session(Live):
         self.publish_stop_msgs = stats.msgs_in + max(1, messages)
         self.publish_stop_bytes = stats.bytes_in + max(self.rate_held_size, size)
         self.rate_held_size = 0
-        self.continue_client()
+        if self._yielded:  # the read's work budget goes on: a RateCheck answered at once is no new turn
+            self._yielded = False
+            self._resume_client()
 
     def continue_client(self) -> None:
         """The answer to Continue (next loop turn): the rest of the read goes on, with a new budget."""
@@ -288,6 +290,7 @@ class Session(Live):
     def access_decided(self, check: CheckAccess, allowed: bool) -> None:
         """The answer to a CheckAccess action: the packets held for it go on. Then hand over."""
         self._decided[(check.action, check.topic, check.retain)] = allowed
+        self._work = 0  # the answer comes in a loop turn of its own
         if self._state is State.AUTHENTICATING:
             self._resume_auth()
         elif check.action == "deliver":

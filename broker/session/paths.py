@@ -155,13 +155,17 @@ class Paths(Handshake):
     def _client_ack(self, chunk: bytes, start: int, end: int) -> bytes | None:
         """PUBACK, PUBREC, PUBCOMP for deliveries: checked, then forwarded."""
         check_fixed_flags(chunk[start], self.v5)
-        decode_ack(chunk, start, end, self.v5)
+        if end - start > 6 and self._over_budget(end - start + PACKET_COST):  # v5, with properties
+            return YIELD
+        decode_ack(chunk, start, end, self.v5, self.settings.decode_limits)
         return None
 
     def _client_pubrel(self, chunk: bytes, start: int, end: int) -> bytes | None:
         v5 = self.v5
         check_fixed_flags(chunk[start], v5)
-        ack = decode_ack(chunk, start, end, v5)
+        if end - start > 6 and self._over_budget(end - start + PACKET_COST):
+            return YIELD
+        ack = decode_ack(chunk, start, end, v5, self.settings.decode_limits)
         if self._client_refused_qos2.complete(ack.packet_id):
             # Ends a QoS 2 flow the front broker refused: answer it here.
             self._out_client.append(encode_ack(PacketType.PUBCOMP, v5, ack.packet_id))
@@ -239,7 +243,7 @@ class Paths(Handshake):
 
     def _client_disconnect(self, chunk: bytes, start: int, end: int) -> bytes | None:
         check_fixed_flags(chunk[start], self.v5)
-        decode_disconnect(chunk, start, end, self.v5)
+        decode_disconnect(chunk, start, end, self.v5, self.settings.decode_limits)
         # Forwarded as is (a v5 reason 0x04 asks the broker to publish the will), then close.
         self._close("client disconnected")
         return None

@@ -100,11 +100,12 @@ class PublishLimiter:
     """One connection's publish limits: its own buckets and its team's (shared with the team's other
     connections). ``charge`` takes the session's running totals and charges what moved since last time."""
 
-    __slots__ = ("bytes_seen", "client", "messages_seen", "team")
+    __slots__ = ("bytes_seen", "client", "disconnect", "messages_seen", "team")
 
-    def __init__(self, client: RatePair | None, team: RatePair | None) -> None:
+    def __init__(self, client: RatePair | None, team: RatePair | None, disconnect: bool = False) -> None:
         self.client = client
         self.team = team
+        self.disconnect = disconnect  # over the rate: DISCONNECT 0x96 instead of a pause (publish_rate.action)
         self.messages_seen = 0
         self.bytes_seen = 0
 

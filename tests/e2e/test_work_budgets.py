@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.exposition import generate_latest
 
 from broker.mqtt.packets import PacketType, Will, decode_connack, decode_disconnect
+from broker.mqtt.primitives import encode_varint
 from broker.mqtt.properties import Prop
 from broker.mqtt.reasons import DisconnectReason
 from tests.support.front import PASSWORD, VERSIONS, FrontFactory, front_port, uid
@@ -244,3 +245,25 @@ async def test_a_burst_over_the_work_budget_is_relayed_whole_and_in_order(make_f
 async def _messages(client: RawClient, n: int) -> Any:
     for _ in range(n):
         yield await client.next_message(timeout=20)
+
+
+@pytest.mark.parametrize("ptype", [0x40, 0x62, 0xE0])  # PUBACK, PUBREL, DISCONNECT
+async def test_acks_and_disconnect_packed_with_user_properties_are_capped_too(
+    make_front: FrontFactory, ptype: int
+) -> None:
+    """Not only PUBLISH and CONNECT: every packet with a property block is decoded within the caps."""
+    front = await make_front(limits=LIMITS)
+    client = await connect_ok(front_port(front), USER, True)
+    props = b"\x26\x00\x00\x00\x00" * 200_000  # empty User Properties
+    head = b"\x00" if ptype == 0xE0 else b"\x00\x01\x00"  # DISCONNECT: reason; acks: packet id 1, reason 0
+    client.send(pkt(ptype, head + encode_varint(len(props)) + props))
+    await closed_with(client, True, 0x97)
+    assert hits(front, "user_properties") == 1
+
+
+async def test_a_second_subscription_identifier_is_refused_before_more_are_built(make_front: FrontFactory) -> None:
+    front = await make_front(limits=LIMITS)
+    client = await connect_ok(front_port(front), USER, True)
+    props = b"\x0b\x01" * 400_000
+    client.send(subscribe_raw([(f"{T}/x", 0)], v5=True, packet_id=5, props=encode_varint(len(props)) + props))
+    await closed_with(client, True, 0x82)

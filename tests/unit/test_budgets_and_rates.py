@@ -203,3 +203,28 @@ async def test_the_same_credentials_checked_at_once_cost_one_bcrypt(monkeypatch:
     assert [v.ok for v in verdicts] == [True] * 50 + [False]
     assert sorted(calls) == [b"pw", b"wrong"]
     assert auth.pending == 0
+
+
+async def test_one_address_holds_at_most_an_eighth_of_the_queue_and_leavers_free_their_place() -> None:
+    import bcrypt
+
+    from broker.auth.users import Authenticator
+
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=12))  # slow enough to keep the queue full
+    auth = Authenticator({"alice": hashed}, allow_anonymous=False, cache_ttl=0, workers=1, max_pending=64)
+    try:
+        flood = [asyncio.ensure_future(auth.check("alice", f"guess{i}".encode(), "10.0.0.9")) for i in range(20)]
+        await asyncio.sleep(0.05)
+        verdicts = [f.result() for f in flood if f.done()]
+        assert len(verdicts) == 20 - 8 and all(v.busy for v in verdicts)  # 8 pending (an eighth of 64), the rest busy
+        other = asyncio.ensure_future(auth.check("alice", b"wrong", "10.0.0.7"))  # another address is not busy
+        await asyncio.sleep(0.05)
+        assert not other.done()
+        for f in flood:
+            f.cancel()  # the flood's clients leave: their queued checks are not run
+        await asyncio.sleep(0.05)
+        assert auth._queue.queued_for("10.0.0.9") == 0 and auth._pending_by_source.get("10.0.0.9", 0) <= 1
+        verdict = await asyncio.wait_for(other, 10)
+        assert not verdict.ok and not verdict.busy
+    finally:
+        auth.close()
