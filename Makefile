@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config/example.yaml
 
-.PHONY: run test lint typecheck unit mosquitto mosquitto-broker chromium promtool node-deps bench clean
+.PHONY: run test lint typecheck unit mosquitto mosquitto-broker chromium promtool systemd-analyze node-deps bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,8 +58,15 @@ promtool:
 				echo "stopping the prometheus service the package started (only promtool is needed)"; systemctl disable --now prometheus; \
 			fi; \
 		else \
-			echo "WARNING: promtool could not be installed: the alert rules get only the YAML shape test (the promtool tests are skipped)"; \
+			echo "promtool could not be installed: the alert-rule and dashboard tests need it"; exit 1; \
 		fi; \
+	fi
+
+# The systemd unit (packaging/mqtt-front.service) is checked with systemd-analyze verify; install it when missing.
+systemd-analyze:
+	@if ! command -v systemd-analyze >/dev/null 2>&1; then \
+		echo "systemd-analyze not found: installing systemd with apt-get"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd; \
 	fi
 
 # The browser tests (tests/e2e/test_browser.py) drive Debian's Chromium with playwright-core; install it when missing
@@ -93,7 +100,7 @@ $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund
 	@touch $@
 
-unit: $(STAMP) mosquitto chromium promtool node-deps
+unit: $(STAMP) mosquitto chromium promtool systemd-analyze node-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.support.cli import ROOT
@@ -79,8 +78,7 @@ async def test_alert_rules_name_exported_metrics(make_front: FrontFactory, pki: 
 
 def promtool() -> str:
     found = shutil.which("promtool")
-    if found is None:
-        pytest.skip("promtool not installed (`make promtool` installs Debian's prometheus package)")
+    assert found is not None, "promtool not installed: `make test` installs it (`make promtool`)"
     return found
 
 

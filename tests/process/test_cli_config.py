@@ -216,8 +216,7 @@ def test_sighup_with_latin1_users_file_keeps_the_old_users(tmp_path: Path, mosqu
 def locked_mosquitto() -> Iterator[Mosquitto]:
     """A Mosquitto that only lets UPSTREAM_USER in (no anonymous clients)."""
     tool = shutil.which("mosquitto_passwd")
-    if tool is None:
-        pytest.skip("mosquitto_passwd is not installed (make test installs Mosquitto with it)")
+    assert tool is not None, "mosquitto_passwd is not installed: `make test` installs Mosquitto with it"
     with pki_directory() as folder:  # one Mosquitto's own user can read (it drops root)
         passwords = folder / "passwd"
         subprocess.run([tool, "-b", "-c", str(passwords), UPSTREAM_USER, UPSTREAM_PASSWORD], check=True,
