@@ -59,6 +59,8 @@ class Front:
                 return int(answer.status)
         except urllib.error.HTTPError as exc:
             return exc.code
+        except urllib.error.URLError:  # the metrics listener starts after the MQTT one: not up yet
+            return 0
 
 
 def start_front(tmp_path: Path, mosquitto: Mosquitto, users_file: Path, *args: str, admin: bool = False) -> Front:
