@@ -36,6 +36,14 @@ def redact_url(url: str, *, show_username: bool = True) -> str:
     """A URL fit for output and logs: ``mqtt://front:***@host:1884``. The password of the userinfo is starred
     (with ``show_username=False`` the whole userinfo: ``***@host``); the query and fragment, which may carry
     tokens, are left out. The one helper for every URL printed or logged."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # Up to the last "@" is userinfo, even when a password holds "/", "?" or "#" (which urlsplit would
+        # take for the path, the query or the fragment, and leave unstarred).
+        userinfo, _, after = rest.rpartition("@")
+        username, colon, _ = userinfo.partition(":")
+        shown = "***" if not show_username else (f"{username}:***" if colon else username)
+        url = f"{scheme}://{shown}@{after}"
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:

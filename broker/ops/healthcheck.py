@@ -66,7 +66,8 @@ def check(config_path: str) -> str | None:
         return None
     url = f"http://{_url_host(address[0])}:{address[1]}/healthz"
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as answer:  # a non-2xx answer raises HTTPError
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via HTTP_PROXY
+        with opener.open(url, timeout=TIMEOUT) as answer:  # a non-2xx answer raises HTTPError
             answer.read()
     except urllib.error.HTTPError as exc:
         return f"{url}: HTTP {exc.code}"

@@ -96,6 +96,28 @@ def find_mosquitto() -> str | None:
     return found
 
 
+def owns_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on 127.0.0.1:``port``. The credential is only sent,
+    and traffic only forwarded, to our own child: between choosing a free port and the child binding it
+    (or while the child restarts) another local user could listen there and collect both."""
+    local = f"0100007F:{port:04X}"
+    inode = None
+    try:
+        with open("/proc/net/tcp") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 9 and fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+                    inode = fields[9]
+                    break
+        if inode is None:
+            return False
+        wanted = f"socket:[{inode}]"
+        fds = f"/proc/{pid}/fd"
+        return any(os.readlink(f"{fds}/{fd}") == wanted for fd in os.listdir(fds))
+    except OSError:
+        return False
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -303,6 +325,7 @@ class ManagedMosquitto:
             conf = self._write_config()
             proc = await asyncio.create_subprocess_exec(
                 self.binary, "-c", str(conf),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},  # none of our secrets in its environment
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 preexec_fn=_child_setup(self._account),
             )
@@ -316,6 +339,10 @@ class ManagedMosquitto:
         deadline = time.monotonic() + START_TIMEOUT
         error: str | None = f"no answer within {START_TIMEOUT:g}s"
         while time.monotonic() < deadline and proc.returncode is None:
+            if not owns_listener(proc.pid, self.port):  # not bound yet, or the port is someone else's
+                error = f"port {self.port} not (yet) held by the broker"
+                await asyncio.sleep(0.05)
+                continue
             error = await probe(self.host, self.port, self.credential)
             if error is None:
                 if self._connector is not None:  # a restart on another port: new connections go there
@@ -372,6 +399,9 @@ class ManagedMosquitto:
         deaths: list[float] = []
         while True:
             reason = await self._until_down()
+            if self._connector is not None:  # until a new child holds a port, nobody else's listener gets traffic
+                self._connector.targets[0].port = self._connector.port = 0
+            self.port = free_port(self.host)  # a fresh port: the old one is known to every local user
             now = time.monotonic()
             deaths = [t for t in deaths if now - t < BACKOFF_WINDOW] + [now]
             while True:

@@ -366,3 +366,12 @@ def test_json_schema_lists_every_section_and_the_secret_files() -> None:
     upstream = schema["$defs"]["UpstreamConfig"]["properties"]
     assert "password_file" in upstream and "password" in upstream
     assert schema["$defs"]["ListenerConfig"]["properties"]["type"]["enum"] == ["tcp", "ws"]
+
+
+def test_passwords_with_slash_question_mark_or_hash_are_redacted_whole() -> None:
+    from broker.config.base import redact_url
+
+    for url in ("mqtt://front:ab/cd@broker:1883", "mqtt://front:1234/x@broker", "mqtt://f:p#q?r@h:1"):
+        shown = redact_url(url)
+        assert "***@" in shown
+        assert not any(secret in shown for secret in ("ab/cd", "1234/x", "p#q"))

@@ -105,3 +105,27 @@ def test_without_mosquitto_nor_amqtt_the_error_says_what_to_install(monkeypatch:
     with pytest.raises(ConfigError) as err:
         _amqtt_broker_class()  # what AmqttBroker.start() imports first
     assert str(err.value) == AMQTT_MISSING
+
+
+def test_only_our_own_child_counts_as_the_managed_listener() -> None:
+    """The credential is sent only to a listener the child process holds (owns_listener)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from broker.upstream.managed import owns_listener
+
+    mine = socket.socket()
+    mine.bind(("127.0.0.1", 0))
+    mine.listen()
+    port = mine.getsockname()[1]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert owns_listener(os.getpid(), port)
+        assert not owns_listener(child.pid, port)  # someone else's listener on that port is not ours
+        mine.close()
+        assert not owns_listener(os.getpid(), port)
+    finally:
+        child.kill()
+        child.wait()
