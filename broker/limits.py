@@ -48,9 +48,8 @@ class Limits:
     """Publish and connect rates of this process."""
 
     def __init__(self, limits: LimitsConfig) -> None:
-        rates = limits.publish_rate
-        self.publish = PublishRates(_spec(rates.client), _spec(rates.team))
-        self.disconnect_over_rate = rates.action == "disconnect"
+        self.publish = PublishRates(None, None)  # configure() sets what limits says, as a reload does
+        self.disconnect_over_rate = False
         self.connect: ConnectRates | None = None
         self._logged = 0.0
         self._unlogged = 0
