@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config/example.yaml
 
-.PHONY: run test lint typecheck unit mosquitto mosquitto-broker chromium promtool systemd-analyze node-deps bench clean
+.PHONY: run test lint typecheck unit mosquitto mosquitto-broker chromium promtool systemd-analyze haproxy redis-server node-deps bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,23 @@ systemd-analyze:
 		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd; \
 	fi
 
+# The replica tests (tests/process/test_replicas.py) put Debian's HAProxy in front of two mqtt-front processes, and
+# the cluster-wide connection cap (limits.store) is tested against a real redis-server; install them when missing.
+# The packages start system services (ports 80 / 6379): the tests run their own, so those are stopped.
+haproxy:
+	@if ! command -v haproxy >/dev/null 2>&1 && ! test -x /usr/sbin/haproxy; then \
+		echo "haproxy not found: installing haproxy with apt-get"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends haproxy || exit 1; \
+		if command -v systemctl >/dev/null 2>&1; then systemctl disable --now haproxy >/dev/null 2>&1 || true; fi; \
+	fi
+
+redis-server:
+	@if ! command -v redis-server >/dev/null 2>&1 && ! test -x /usr/bin/redis-server; then \
+		echo "redis-server not found: installing redis-server with apt-get"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server || exit 1; \
+		if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi; \
+	fi
+
 # The browser tests (tests/e2e/test_browser.py) drive Debian's Chromium with playwright-core; install it when missing
 # (`npx playwright install` downloads a browser of its own, which this network does not allow).
 chromium:
@@ -100,12 +117,12 @@ $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund
 	@touch $@
 
-unit: $(STAMP) mosquitto chromium promtool systemd-analyze node-deps
+unit: $(STAMP) mosquitto chromium promtool systemd-analyze haproxy redis-server node-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -q
 
 test: lint typecheck unit
 
-bench: $(STAMP) mosquitto
+bench: $(STAMP) mosquitto haproxy
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/python -m bench
 
 clean:

@@ -43,8 +43,11 @@ from broker.relay import ClientTransport
 from broker.session import AccessPolicy, Authenticate, AuthResult, CheckAccess
 from broker.session.api import ClientIdRule
 from broker.session.mount import mountpoint_problem
+from broker.shared_counts import Counts, LocalCounts
 
 log = logging.getLogger("mqtt_front.server")
+
+_TEAM = "team:"  # a team's key in the connection counts
 
 
 def looks_like_jwt(token: str | bytes | None) -> bool:
@@ -81,6 +84,7 @@ class Admission:
         http_config: HttpAuthConfig | None = None,
         jwt: JwtVerifier | None = None,
         latency: AuthLatency | None = None,
+        counts: Counts | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.acl = acl
@@ -91,7 +95,8 @@ class Admission:
         self.platform = platform
         self.http_config = http_config
         self.jwt = jwt
-        self.team_connections: dict[str, int] = {}  # authenticated connections per team, for the team cap
+        # Authenticated connections per team, for the team cap: this process's, or all workers' (shared).
+        self.counts: Counts = counts if counts is not None else LocalCounts()
         self.backoff = LoginBackoff()  # failed logins per source address and username
         self.latency = latency if latency is not None else AuthLatency()  # per backend, for the metrics
 
@@ -308,16 +313,12 @@ class Admission:
         )
 
     def take_team_slot(self, team: str) -> bool:
-        """Count one more connection for ``team``, unless limits.max_connections_per_team is reached."""
-        count = self.team_connections.get(team, 0)
-        if self.max_per_team is not None and count >= self.max_per_team:
-            return False
-        self.team_connections[team] = count + 1
-        return True
+        """Count one more connection for ``team``, unless limits.max_connections_per_team is reached
+        (counted over all workers of the process when the counts are shared)."""
+        return self.counts.take(_TEAM + team, self.max_per_team)
 
     def release_team(self, team: str) -> None:
-        count = self.team_connections.get(team, 0) - 1
-        if count > 0:
-            self.team_connections[team] = count
-        else:
-            self.team_connections.pop(team, None)
+        self.counts.release(_TEAM + team)
+
+    def team_connections(self, team: str) -> int:
+        return self.counts.total(_TEAM + team)

@@ -25,6 +25,7 @@ from broker.cli_users import add_users_parser, bcrypt_cost
 from broker.config import Config, ConfigError, load_config, parse_hostport
 from broker.logs import JsonFormatter, log_event
 from broker.reload import worker_share
+from broker.shared_counts import WorkerCounts
 
 log = logging.getLogger("mqtt_front")
 
@@ -59,6 +60,7 @@ async def _serve(
     admin_socket: str | None = None,
     pid_file: str | None = None,
     workers: int = 1,
+    counts: WorkerCounts | None = None,
 ) -> None:
     from broker.server import FrontBroker
 
@@ -69,6 +71,7 @@ async def _serve(
         config_path=config_path,
         admin_socket=admin_socket,
         workers=workers,
+        counts=counts,
     )
     # A SIGINT/SIGTERM while starting stops us right after the start (it used to kill the process
     # between opening the listeners and installing the handlers).
@@ -125,6 +128,7 @@ def _run_loop(
     admin_socket: str | None = None,
     pid_file: str | None = None,
     workers: int = 1,
+    counts: WorkerCounts | None = None,
 ) -> int:
     """One event loop (uvloop when installed) serving until SIGINT/SIGTERM."""
     loop_factory = None
@@ -137,7 +141,7 @@ def _run_loop(
     log.info("event loop: %s", "uvloop" if loop_factory is not None else "asyncio")
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(config, reuse_port, ops_socket, config_path, admin_socket, pid_file, workers))
+            runner.run(_serve(config, reuse_port, ops_socket, config_path, admin_socket, pid_file, workers, counts))
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
@@ -188,6 +192,15 @@ def _pid_file_writable(path: str) -> bool:
 
 def _run_workers(config: Config, workers: int, config_path: str, pid_file: str | None) -> int:
     from broker.ops.workers import run_workers
+    from broker.shared_counts import SharedCounts
+
+    # The caps' counts all workers share (README "Deploying"); made before the fork, attached in each worker.
+    shared = SharedCounts(workers)
+
+    def freed(index: int) -> None:  # a dead worker's connections and queued checks no longer count
+        held = shared.free_worker(index)
+        if held:
+            log.info("worker %d held %d counted connections and checks: released", index, held)
 
     def started() -> None:  # every worker forked and SIGHUP forwarded to them: the moment for the pid file
         if pid_file is not None:
@@ -203,9 +216,12 @@ def _run_workers(config: Config, workers: int, config_path: str, pid_file: str |
     if metrics is None and admin is None:
         return run_workers(
             workers,
-            lambda index: _run_loop(config, reuse_port=True, config_path=config_path, workers=workers),
+            lambda index: _run_loop(
+                config, reuse_port=True, config_path=config_path, workers=workers, counts=shared.attach(index)
+            ),
             started,
             shutdown_timeout=config.limits.shutdown_timeout,
+            on_death=freed,
         )
     # Metrics and the admin API of all workers served as one: each worker answers on unix sockets,
     # this process serves metrics.bind and admin.bind from all of them.
@@ -236,10 +252,17 @@ def _run_workers(config: Config, workers: int, config_path: str, pid_file: str |
         return run_workers(
             workers,
             lambda index: _run_loop(
-                config, True, ops_sockets[index], config_path, admin_socket=admin_sockets[index], workers=workers
+                config,
+                True,
+                ops_sockets[index],
+                config_path,
+                admin_socket=admin_sockets[index],
+                workers=workers,
+                counts=shared.attach(index),
             ),
             started,
             shutdown_timeout=config.limits.shutdown_timeout,
+            on_death=freed,
         )
 
 

@@ -17,7 +17,8 @@ from broker.config import LimitsConfig, RateConfig
 from broker.logs import log_event
 from broker.mqtt.limits import DecodeLimits
 from broker.session import SessionSettings
-from broker.session.ratelimit import ConnectRates, PublishLimiter, PublishRates, RateSpec
+from broker.session.ratelimit import ConnectRates, PublishLimiter, PublishRates, RateSpec, TeamBuckets
+from broker.shared_counts import SharedRatePair, WorkerCounts
 
 log = logging.getLogger("mqtt_front.limits")
 
@@ -45,10 +46,18 @@ def apply_budgets(settings: SessionSettings, limits: LimitsConfig) -> None:
 
 
 class Limits:
-    """Publish and connect rates of this process."""
+    """Publish and connect rates of this process; with ``shared`` (``--workers N``) the team and
+    per-source buckets are the ones all workers share, so N workers allow each rate once."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.publish = PublishRates(None, None)  # configure() sets what limits says, as a reload does
+    def __init__(self, limits: LimitsConfig, shared: WorkerCounts | None = None) -> None:
+        self.shared = shared
+        team_buckets = None
+        if shared is not None:
+
+            def team_buckets(team: str, spec: RateSpec, _now: float) -> TeamBuckets:
+                return SharedRatePair(shared, team, spec)
+
+        self.publish = PublishRates(None, None, team_buckets)  # configure() sets what limits says, as a reload does
         self.disconnect_over_rate = False
         self.connect: ConnectRates | None = None
         self._logged = 0.0
@@ -78,7 +87,7 @@ class Limits:
             return None
         source = source_of(peer)
         now = time.monotonic()
-        if connect.allow(source, now):
+        if self._connect_allowed(connect, source, now):
             return None
         # A flood must not become a flood of log lines: one a second, with how many went unlogged.
         if now - self._logged >= 1.0:
@@ -95,3 +104,18 @@ class Limits:
         else:
             self._unlogged += 1
         return f"connect_rate ({connect.rate:g}/s per source) exceeded"
+
+    def _connect_allowed(self, connect: ConnectRates, source: str, now: float) -> bool:
+        shared = self.shared
+        if shared is None:
+            return connect.allow(source, now)
+        name = "\x00connect:" + source
+        burst = connect.burst if connect.burst is not None else connect.rate
+        rates = (connect.rate, burst, 0.0, 0.0)
+        tokens = shared.buckets(name, 1, 0, now, rates)
+        if tokens is None:  # no row left (16,384 sources refilling at once): this worker's own bucket decides
+            return connect.allow(source, now)
+        if tokens[0] < 0:
+            shared.buckets(name, -1, 0, now, rates)  # a refused connection does not dig the debt deeper
+            return False
+        return True

@@ -34,6 +34,7 @@ from broker.relay import ClientConnection
 from broker.session import Authenticate, AuthResult, CheckAccess, SessionSettings
 from broker.session.inventory import Inventory
 from broker.session.ratelimit import PublishLimiter
+from broker.shared_counts import CONNECTIONS, Counts, LocalCounts, WorkerCounts
 from broker.upstream.connector import UpstreamConnector
 from broker.upstream.embedded import EmbeddedBroker, embedded_broker, embedded_problem, start_embedded, wants_embedded
 
@@ -70,8 +71,11 @@ class FrontBroker:
         config_path: str | None = None,
         admin_socket: str | None = None,
         workers: int = 1,
+        counts: WorkerCounts | None = None,
     ) -> None:
         self.config = config
+        # The caps' counts: this process's, or (--workers N) the ones all workers share.
+        self.counts: Counts = counts if counts is not None else LocalCounts()
         self.workers = workers  # of the process: a reload gives this worker its share of the shared bounds
         self.config_path = config_path  # what a reload reads again (None: only the files the config names)
         # A worker of --workers N serves its admin API on this unix socket; the parent serves admin.bind.
@@ -84,7 +88,11 @@ class FrontBroker:
         self.ops_socket = ops_socket
         users = load_users(config.auth.users_file) if config.auth.users_file else {}
         self.authenticator = Authenticator(
-            users, config.auth.allow_anonymous, config.auth.cache_ttl, max_pending=config.auth.max_pending
+            users,
+            config.auth.allow_anonymous,
+            config.auth.cache_ttl,
+            max_pending=config.auth.max_pending,
+            counts=self.counts,
         )
         self.acl = build_acl(config.acl)
         # Loads every listener's certificate and key: a ConfigError here comes before anything listens.
@@ -115,7 +123,7 @@ class FrontBroker:
             inventory=self.inventory,
         )
         apply_budgets(self.session_settings, config.limits)
-        self.limits = Limits(config.limits)  # publish and connect rates
+        self.limits = Limits(config.limits, counts)  # publish and connect rates
         self.connections: set[ClientConnection] = set()
         self.grants: dict[ClientConnection, Grant] = {}  # how each admitted session got in, for reloads
         # No upstream: the embedded broker (demo only), Mosquitto or amqtt, chosen now and started by start().
@@ -150,6 +158,7 @@ class FrontBroker:
             http_config=http,
             jwt=self.jwt,
             latency=self.metrics.auth_latency,
+            counts=self.counts,
         )
         self.control = Control(self, build_acl)  # reload, revoke, kick, list: what operators do while it runs
         self.readiness = Readiness(self, ops.ready_window, ops.probe_interval) if ops else Readiness(self)
@@ -364,11 +373,12 @@ class FrontBroker:
 
     def connection_opened(self, conn: ClientConnection) -> str | None:
         self.connections.add(conn)
+        total = self.counts.add(CONNECTIONS, 1)  # of all workers when shared
         self.metrics.connection_opened(conn.listener)
         if self.draining:  # accepted just before the listeners closed
             return "server shutting down"
         limit = self.config.limits.max_connections
-        if limit is not None and len(self.connections) > limit:
+        if limit is not None and total > limit:
             refusal: str | None = f"max_connections ({limit}) reached"
             hit = "max_connections"
         else:
@@ -420,7 +430,9 @@ class FrontBroker:
         self.readiness.upstream_dropped()  # /readyz probes again: is the upstream still there?
 
     def connection_closed(self, conn: ClientConnection, reason: str, duration: float) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.counts.add(CONNECTIONS, -1)
         self.grants.pop(conn, None)
         session = conn.session
         if session is not None:

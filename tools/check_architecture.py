@@ -53,8 +53,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("broker.ops",),
     ("broker.edge",),
     ("broker.relay", "broker.upstream", "broker.auth"),
-    # Small I/O helpers of the relay: closing without a reset (the drain), paced login starts.
-    ("broker.linger", "broker.pacing"),
+    # Small I/O helpers of the relay: closing without a reset (the drain), paced login starts, counts the workers share,
+    # the per-team counts replicas share in Redis (limits.store).
+    ("broker.linger", "broker.pacing", "broker.shared_counts", "broker.cluster_store"),
     ("broker.session",),
     # The shared leaves may be imported from anywhere above broker.mqtt and may import only broker.mqtt,
     # acl, the stdlib and third-party libraries.

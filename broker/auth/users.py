@@ -31,6 +31,7 @@ import yaml
 from acl.identity import FORM_HEADS, is_recognised
 from broker.auth.fair_queue import FairQueue
 from broker.config import ConfigError, safe_load
+from broker.shared_counts import AUTH_PENDING, Counts, LocalCounts
 
 log = logging.getLogger("mqtt_front.auth")
 
@@ -221,6 +222,7 @@ class Authenticator:
         cache_ttl: float = 60.0,
         workers: int | None = None,
         max_pending: int = 1024,
+        counts: Counts | None = None,
     ) -> None:
         self.users = users
         self.allow_anonymous = allow_anonymous
@@ -228,7 +230,8 @@ class Authenticator:
         # bcrypt checks queued or running. A flood of connects (each costing ~75 ms of CPU at
         # cost 10) must not queue without bound: beyond this the answer is "server busy" at once.
         self.max_pending = max_pending
-        self.pending = 0
+        # Checks queued or running: this process's, or (--workers N) all workers' through shared counts.
+        self.counts: Counts = counts if counts is not None else LocalCounts()
         self._cache: dict[bytes, tuple[float, bool]] = {}
         # Checks in progress by key: [the hash checked against, the task, how many CONNECTs wait for it].
         self._running: dict[bytes, list[Any]] = {}
@@ -238,6 +241,11 @@ class Authenticator:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bcrypt")
         self._queue = FairQueue(self._executor, threads)  # round robin per source address and username
         self._dummy = _dummy_hash()
+
+    @property
+    def pending(self) -> int:
+        """Password checks queued or running (of all workers when the counts are shared)."""
+        return self.counts.total(AUTH_PENDING)
 
     def replace_users(self, users: dict[str, bytes]) -> None:
         """New users file contents (SIGHUP); cached verdicts may be stale, so they go."""
@@ -268,9 +276,9 @@ class Authenticator:
             # One address may hold at most an eighth of the queue: a flood from it cannot make every
             # other address's logins "server busy".
             from_source = self._pending_by_source.get(source, 0)
-            if self.pending >= self.max_pending or from_source >= max(8, self.max_pending // 8):
+            if from_source >= max(8, self.max_pending // 8) or not self.counts.take(AUTH_PENDING, self.max_pending):
                 return Verdict(False, False, busy=True)
-            self.pending += 1  # now, not when the task starts: checks arriving in this loop turn count it
+            # Counted now, not when the task starts: checks arriving in this loop turn count it.
             self._pending_by_source[source] = from_source + 1
             task = asyncio.ensure_future(self._bcrypt(source, username, password, hashed))
             running = self._running[key] = [hashed, task, 0]
@@ -298,7 +306,7 @@ class Authenticator:
         return await self._queue.run(source, username, _checkpw, password, hashed or self._dummy)
 
     def _ran(self, key: bytes, source: str, task: asyncio.Task[bool]) -> None:
-        self.pending -= 1  # here, not in _bcrypt: a task cancelled before it started still counted
+        self.counts.release(AUTH_PENDING)  # here, not in _bcrypt: a task cancelled before it started still counted
         left = self._pending_by_source.pop(source) - 1
         if left:
             self._pending_by_source[source] = left

@@ -60,6 +60,7 @@ def run_workers(
     target: Callable[[int], int],
     started: Callable[[], None] | None = None,
     shutdown_timeout: float = 10.0,
+    on_death: Callable[[int], None] | None = None,
 ) -> int:
     """Run ``target(index)`` in ``count`` forked processes until a signal, restarting a worker that dies.
 
@@ -68,7 +69,8 @@ def run_workers(
     ``started`` is called once every worker is forked and this process forwards signals to them (the
     moment to write a pid file: a SIGHUP sent to this process from then on reaches every worker).
     SIGTERM/SIGINT drain every worker (each within ``shutdown_timeout``); one still alive KILL_MARGIN
-    seconds later is killed, and the exit code is then 1."""
+    seconds later is killed, and the exit code is then 1. ``on_death(index)`` is called once a worker is
+    found dead, before anything else (its replacement included) starts: the moment to free what it held."""
     ctx = multiprocessing.get_context("fork")
     procs: list[BaseProcess] = []
     stopping = False
@@ -110,6 +112,8 @@ def run_workers(
         for index, proc in enumerate(procs):
             if stopping or proc.is_alive() or index in due:
                 continue
+            if on_death is not None:
+                on_death(index)
             if proc.exitcode == COULD_NOT_START:
                 log.error("worker %s could not start: stopping the others", proc.name)
                 code = 1

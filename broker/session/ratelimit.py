@@ -9,6 +9,9 @@ reading it meanwhile, so TCP pushes back on the client and nothing is lost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 NO_LIMIT = 1 << 40  # an allowance no connection uses up between two checks
 
 
@@ -96,13 +99,24 @@ def _retuned(bucket: TokenBucket | None, rate: float | None, burst: float | None
     return bucket
 
 
+class TeamBuckets(Protocol):
+    """A team's buckets: a :class:`RatePair` in one process, or one shared by the workers
+    (``broker.shared_counts.SharedRatePair``)."""
+
+    def retune(self, spec: RateSpec | None, now: float) -> None: ...
+
+    def allowance(self, now: float, share: float = 1.0) -> tuple[float, float]: ...
+
+    def take(self, messages: int, size: int, now: float) -> float: ...
+
+
 class PublishLimiter:
     """One connection's publish limits: its own buckets and its team's (shared with the team's other
     connections). ``charge`` takes the session's running totals and charges what moved since last time."""
 
     __slots__ = ("bytes_seen", "client", "disconnect", "messages_seen", "team")
 
-    def __init__(self, client: RatePair | None, team: RatePair | None, disconnect: bool = False) -> None:
+    def __init__(self, client: RatePair | None, team: TeamBuckets | None, disconnect: bool = False) -> None:
         self.client = client
         self.team = team
         self.disconnect = disconnect  # over the rate: DISCONNECT 0x96 instead of a pause (publish_rate.action)
@@ -168,10 +182,19 @@ class PublishRates:
 
     MAX_TEAMS = 100_000
 
-    def __init__(self, client: RateSpec | None, team: RateSpec | None) -> None:
+    def __init__(
+        self,
+        client: RateSpec | None,
+        team: RateSpec | None,
+        team_buckets: Callable[[str, RateSpec, float], TeamBuckets] | None = None,
+    ) -> None:
         self.client = client
         self.team = team
-        self._teams: dict[str, RatePair] = {}
+        # How a team's buckets are made: a RatePair of this process, or buckets the workers share.
+        self._team_buckets: Callable[[str, RateSpec, float], TeamBuckets] = team_buckets or (
+            lambda _team, spec, now: RatePair(*spec, now)
+        )
+        self._teams: dict[str, TeamBuckets] = {}
 
     def configure(self, client: RateSpec | None, team: RateSpec | None, now: float) -> None:
         """New limits (a reload): new connections get the new client limit, teams the new team limit at once."""
@@ -191,7 +214,7 @@ class PublishRates:
             if pair is None:
                 if len(teams) >= self.MAX_TEAMS:
                     self._teams = teams = {}  # a bound, not a policy: the buckets start full again
-                pair = teams[team] = RatePair(*self.team, now)
+                pair = teams[team] = self._team_buckets(team, self.team, now)
         if client is None and pair is None:
             return None
         return PublishLimiter(client, pair)

@@ -41,7 +41,8 @@ async def test_team_connection_cap(make_front: FrontFactory, v5: bool) -> None:
     for client in (second, other, again):
         await client.close()
     await gone(front, 0)
-    assert front.admission.team_connections == {}
+    assert front.admission.team_connections("team1") == 0
+    assert front.admission.team_connections("team2") == 0
     metrics = Scrape(generate_latest(front.metrics.registry).decode())
     assert metrics.get("mqtt_front_connect_attempts_total", result="limit") == 1
 

@@ -22,14 +22,10 @@ from tests.support.mqtt_bytes import connect
 from tests.support.ops import Scrape, http_request
 from tests.support.pki import Pki, write_leaf
 from tests.support.ports import free_port
+from tests.support.workers import children
 
 pytestmark = pytest.mark.timeout(90)
 TIMEOUT = 20.0
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
 
 
 async def merged(port: int) -> Scrape:

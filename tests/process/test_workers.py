@@ -20,13 +20,9 @@ from tests.support.front import PASSWORD, uid
 from tests.support.mosquitto import Mosquitto
 from tests.support.ops import Scrape, http_request
 from tests.support.ports import free_port
+from tests.support.workers import children
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
 
 
 Workers = tuple[subprocess.Popen[bytes], int, int]  # (the parent process, MQTT port, metrics port)

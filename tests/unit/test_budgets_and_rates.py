@@ -126,7 +126,7 @@ def test_the_allowance_is_a_tenth_of_a_second_at_most_and_the_team_shares() -> N
 def test_a_reload_retunes_team_buckets_in_place() -> None:
     rates = PublishRates(None, (100, 100, None, None))
     held = rates.limiter("team1", 0.0)
-    assert held is not None and held.team is not None
+    assert held is not None and isinstance(held.team, RatePair)
     rates.configure(None, (10, 10, None, None), 0.0)
     assert held.team.messages is not None and held.team.messages.rate == 10
     rates.configure(None, None, 0.0)
