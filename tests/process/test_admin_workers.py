@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from broker.mqtt.packets import PacketType, decode_disconnect
-from tests.process.test_workers import children
 from tests.support.cli import running
 from tests.support.mosquitto import Mosquitto
 from tests.support.ports import free_port
 from tests.support.raw_client import RawClient, connect_ok
+from tests.support.workers import children
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "admin-token-for-the-tests-0123456789"
