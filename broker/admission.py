@@ -34,6 +34,7 @@ from broker.auth.jwt import JwtVerdict, JwtVerifier
 from broker.auth.platform import PlatformClient
 from broker.auth.platform_acl import PlatformPolicy
 from broker.auth.users import Authenticator, username_problem
+from broker.cluster_store import ClusterCounts
 from broker.config import AclConfig, HttpAuthConfig
 from broker.edge.tls import TlsContexts, peer_identity
 from broker.logs import log_event
@@ -97,6 +98,7 @@ class Admission:
         self.jwt = jwt
         # Authenticated connections per team, for the team cap: this process's, or all workers' (shared).
         self.counts: Counts = counts if counts is not None else LocalCounts()
+        self.store: ClusterCounts | None = None  # limits.store: the team cap over all replicas (the server sets it)
         self.backoff = LoginBackoff()  # failed logins per source address and username
         self.latency = latency if latency is not None else AuthLatency()  # per backend, for the metrics
 
@@ -109,9 +111,31 @@ class Admission:
             result = self.authorize_identity(peer_identity(transport), request.client_id, peer)
         else:
             result = await self.authorize(request.username, request.password, request.client_id, peer)
-        if result.ok and result.team is not None and not self.take_team_slot(result.team):
-            return AuthResult(False, quota_exceeded=True)
+        if result.ok and result.team is not None:
+            if not self.take_team_slot(result.team):
+                return AuthResult(False, quota_exceeded=True)
+            refusal = await self._take_cluster_slot(result.team, peer, request)
+            if refusal is not None:
+                self.counts.release(_TEAM + result.team)
+                return refusal
         return result
+
+    async def _take_cluster_slot(self, team: str, peer: str, request: Authenticate) -> AuthResult | None:
+        """limits.store: the team's cap over all replicas (None: admitted). Fails as limits.store.on_error says."""
+        store, cap = self.store, self.max_per_team
+        if store is None or cap is None:
+            return None
+        taken = await store.take(team, cap)
+        if taken:
+            return None
+        if taken is None and store.config.on_error == "open":
+            store.add(team)  # counted here, reported to the store once it answers again
+            return None
+        why = "max_connections_per_team over all replicas" if taken is False else "limits.store unavailable"
+        result = "limit" if taken is False else "auth_unavailable"
+        fields = {"peer": peer, "user": request.username, "client": request.client_id, "team": team}
+        log_event(log, logging.INFO, "connect_refused", result=result, reason=why, **fields)
+        return AuthResult(False, quota_exceeded=True) if taken is False else AuthResult(False, unavailable=True)
 
     def authorize_identity(self, username: str | None, client_id: str, peer: str) -> AuthResult:
         """A verified client certificate's identity as the username (``use_identity_as_username``).
@@ -319,6 +343,8 @@ class Admission:
 
     def release_team(self, team: str) -> None:
         self.counts.release(_TEAM + team)
+        if self.store is not None:
+            self.store.release(team)  # never waits for Redis
 
     def team_connections(self, team: str) -> int:
         return self.counts.total(_TEAM + team)

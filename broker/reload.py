@@ -61,6 +61,7 @@ def prepare(
     for key in ("admin", "inventory"):
         if key in type(new).model_fields:
             kept = kept.model_copy(update={key: getattr(running, key)})
+    kept = kept.model_copy(update={"limits": kept.limits.model_copy(update={"store": running.limits.store})})
     changes = describe(running, new, users, new_users)
     return Prepared(kept, new_users, engine, jwt, upstream_tls, changes, restart)
 
@@ -83,6 +84,8 @@ def restart_keys(running: Config, new: Config) -> list[str]:
         keys.append("listeners.tls (certificate paths; the files themselves are re-read)")
     if running.upstream != new.upstream:
         keys.append("upstream")
+    if running.limits.store != new.limits.store:  # the store's connection and registration live from the start
+        keys.append("limits.store")
     if running.logging.format != new.logging.format:
         keys.append("logging.format")
     for name in type(new).model_fields:

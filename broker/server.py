@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 
 from acl.engine import AclEngine
@@ -20,6 +22,7 @@ from broker.admission import Admission, Grant
 from broker.auth.jwt import JwtVerifier
 from broker.auth.platform import PlatformClient
 from broker.auth.users import Authenticator, load_users
+from broker.cluster_store import ClusterCounts
 from broker.config import AclConfig, Config, ConfigError, parse_hostport
 from broker.control import Control
 from broker.edge.listeners import bind_failure, bind_reason, start_listener
@@ -160,6 +163,9 @@ class FrontBroker:
             latency=self.metrics.auth_latency,
             counts=self.counts,
         )
+        store = config.limits.store
+        if store is not None:  # one registration per process (each worker its own), host:pid
+            self.admission.store = ClusterCounts(store, f"{socket.gethostname()}:{os.getpid()}")
         self.control = Control(self, build_acl)  # reload, revoke, kick, list: what operators do while it runs
         self.readiness = Readiness(self, ops.ready_window, ops.probe_interval) if ops else Readiness(self)
         self.ops: OpsServer | None = None  # the /metrics, /healthz, /readyz endpoint when metrics.bind is set
@@ -179,6 +185,8 @@ class FrontBroker:
         if self.platform is not None:
             await self.platform.start()
             self.metrics.watch_platform(self.platform)
+        if self.admission.store is not None:
+            await self.admission.store.start()  # never raises: an unreachable store is retried by its heartbeat
         try:
             for listener in self.config.listeners:
                 server = await start_listener(self, listener, self.tls, reuse_port=self.reuse_port)
@@ -359,6 +367,8 @@ class FrontBroker:
             await self.embedded.stop()
         if self.platform is not None:
             await self.platform.close()
+        if self.admission.store is not None:
+            await self.admission.store.close()  # this process's slots are free at once
         self.authenticator.close()
 
     # ------------------------------------------------------------------ ConnectionHost

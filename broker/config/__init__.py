@@ -43,6 +43,7 @@ __all__ = [
     "ListenerTlsConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "StoreConfig",
     "UpstreamConfig",
     "UpstreamTlsConfig",
     "UpstreamUrl",
@@ -94,6 +95,52 @@ class ConnectRateConfig(_Model):
     burst: float | None = Field(default=None, gt=0)  # default: one second's worth
 
 
+def _redis_url(value: str) -> str:
+    parts, shown = urlsplit(value), redact_url(value)  # an error message is output too: never the password
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"{shown!r}: redis://host:port/db (plain) or rediss://host:port/db (TLS)")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{shown!r}: {exc}") from None
+    if (db := parts.path.strip("/")) and not db.isdigit():
+        raise ValueError(f"{shown!r}: the path is the database number (/0), nothing else")
+    return value
+
+
+class StoreConfig(_Model):
+    """``limits.store``: the per-team connection cap counted over all replicas in Redis (broker.cluster_store)."""
+
+    url: Annotated[str, AfterValidator(_redis_url)]  # a password in it (redis://:pw@host) is starred in logs
+    password: str | None = None
+    password_file: Path | None = None  # its first line; relative to the configuration file; read at load
+    ca_file: Path | None = None  # rediss://: verify the server against this CA bundle (default: the system's)
+    # The store cannot answer in time: closed refuses a team connection (CONNACK server unavailable),
+    # open lets it in on this process's count alone.
+    on_error: Literal["closed", "open"] = "closed"
+    timeout: float = Field(default=0.25, gt=0)  # seconds a CONNECT may wait for the store
+    key_prefix: str = Field(default="mqtt-front", min_length=1)
+    heartbeat: float = Field(default=2.0, gt=0)  # seconds between refreshes of this process's registration
+    ttl: float = Field(default=10.0, gt=0)  # a process not heard of this long no longer counts (a killed one)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_url(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data  # limits.store: redis://host:6379/0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StoreConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if (self.password or self.password_file) and urlsplit(self.url).password is not None:
+            raise ValueError("the URL has :password@ and password/password_file is set too: give it once")
+        if self.ca_file is not None and not self.url.startswith("rediss://"):
+            raise ValueError("ca_file is set but the URL is plain redis://; use rediss://")
+        if self.ttl <= self.heartbeat:
+            raise ValueError("ttl must be longer than heartbeat, or a live process would expire between two")
+        return self
+
+
 class LimitsConfig(_Model):
     max_packet_size: int = Field(default=1_048_576, ge=64, le=MQTT_MAX_PACKET)
     connect_timeout: float = Field(default=10.0, gt=0)
@@ -114,6 +161,7 @@ class LimitsConfig(_Model):
     work_budget: int = Field(default=65_536, ge=1_024)  # about bytes decoded per read before the rest waits a turn
     publish_rate: PublishRateConfig = Field(default_factory=PublishRateConfig)
     connect_rate: ConnectRateConfig | None = None  # off: behind a balancer without PROXY protocol, one address
+    store: StoreConfig | None = None  # max_connections_per_team over all replicas, counted in Redis
 
 
 def _http_url(value: str) -> str:
@@ -325,6 +373,7 @@ def parse_config(
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration:\n{format_errors(exc, Config, sources)}") from None
     config = _read_secret_files(config, base_dir)
+    config = _resolve_store(config, base_dir)
     if base_dir is not None:
         config = _resolve_auth_paths(config, base_dir)
     if base_dir is not None:
@@ -385,6 +434,23 @@ def _read_secret_files(config: Config, base_dir: Path | None) -> Config:
     password = read_secret(path, "upstream.password_file")
     upstream = up.model_copy(update={"password_file": path, "password": password})
     return config.model_copy(update={"upstream": upstream})
+
+
+def _resolve_store(config: Config, base_dir: Path | None) -> Config:
+    """``limits.store``: a relative ca_file or password_file is relative to ``base_dir``; the password file is
+    read at every load, like upstream's."""
+    store = config.limits.store
+    if store is None or (store.password_file is None and store.ca_file is None):
+        return config
+
+    def rel(path: Path | None) -> Path | None:
+        return base_dir / path if path is not None and base_dir is not None and not path.is_absolute() else path
+
+    update: dict[str, Any] = {"ca_file": rel(store.ca_file), "password_file": rel(store.password_file)}
+    if update["password_file"] is not None:
+        update["password"] = read_secret(update["password_file"], "limits.store.password_file")
+    limits = config.limits.model_copy(update={"store": store.model_copy(update=update)})
+    return config.model_copy(update={"limits": limits})
 
 
 def load_config(path: str | Path) -> Config:
