@@ -1,7 +1,8 @@
 """Connections to the internal broker, one per accepted client.
 
 An :class:`UpstreamConnector` knows one or more upstreams (``upstream.url`` / ``upstream.urls``),
-tries them in order (``failover``) or in turn (``round_robin``) with a connect timeout each, and
+tries them in order (``failover``) or in turn (``round_robin``) with a connect timeout each (one that
+failed is tried last for ``RETRY_AFTER`` seconds, then retried by one connection at a time), and
 speaks plain TCP (``mqtt://``) or TLS with session resumption (``mqtts://``, see
 :mod:`broker.upstream.tls_client`). When none answers, the caller refuses the client with CONNACK
 "server unavailable".
@@ -134,6 +135,8 @@ class UpstreamConnector:
         order = self.order()
         for i, target in enumerate(order):
             started = time.monotonic()
+            retry = target.failing()  # while this attempt runs, other connections try the others first
+            target.retrying += int(retry)
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     transport = await self._attempt(target, factory)
@@ -142,6 +145,8 @@ class UpstreamConnector:
                 reasons.append(f"{target.url}: {reason}")
                 self._target_failed(target, reason, more=i + 1 < len(order))
                 continue
+            finally:
+                target.retrying -= int(retry)
             now = time.monotonic()
             target.last_ok = self.last_ok = now
             target.last_latency = now - started

@@ -26,12 +26,20 @@ class UpstreamTarget:
     handshakes: int = 0  # TLS handshakes completed ...
     resumed: int = 0  # ... of which resumed a previous session
     session: ssl.SSLSession | None = field(default=None, repr=False)  # the last good one, to resume
+    retrying: int = 0  # attempts under way while it is failing (see recently_failed)
     _last_log: float = field(default=0.0, repr=False)
 
+    def failing(self) -> bool:
+        """Its last attempt failed (it has not worked since)."""
+        return self.last_failure is not None and (self.last_ok is None or self.last_ok < self.last_failure)
+
     def recently_failed(self, now: float) -> bool:
-        if self.last_failure is None or now - self.last_failure > RETRY_AFTER:
+        """Tried after the others: it failed within RETRY_AFTER, or it is failing and an attempt to retry it is
+        under way. One connection at a time finds out whether it is back: an upstream that does not answer
+        at all (a vanished host) costs that one connection the connect timeout, not every concurrent one."""
+        if self.last_failure is None or not self.failing():
             return False
-        return self.last_ok is None or self.last_ok < self.last_failure
+        return now - self.last_failure <= RETRY_AFTER or self.retrying > 0
 
 
 class UpstreamUnavailable(ConnectionError):
