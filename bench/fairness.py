@@ -8,6 +8,11 @@ first alone (idle), then during each attack:
 
 - ``connect_flood``: 5 connections at a time, each sending a 1 MB CONNECT packed with ~200,000 empty User
   Properties and no credentials, over and over (the finding: 0.5 s of event loop per CONNECT);
+- ``connect_flood_close``: the same CONNECTs, each connection reset by the attacker right after its
+  CONNECT is handed to the kernel, without waiting for any answer: a connection churn that the hold of
+  refused connections (linger.Tarpit) cannot slow down. ``limits.connect_rate`` is the knob for it, so the
+  run includes mqtt-front with a connect rate of 20/s per source. The attackers connect from 127.0.0.2,
+  another address than the probe's, as a client elsewhere would;
 - ``storm``: one client of team0 publishing QoS 0 as fast as it can (the finding: x14);
 - ``connect_burst``: 2,000 connections at once, half of them never sending CONNECT (the finding: x83).
 
@@ -33,9 +38,12 @@ from broker.mqtt.packets import Connect, encode_connect
 from broker.mqtt.properties import Prop
 
 CTX = multiprocessing.get_context("spawn")
+CONNECT_RATE = "mqtt-front, connect_rate 20/s"
+ONLY = {"mqtt-front, publish_rate off": [None, "storm"], CONNECT_RATE: [None, "connect_flood_close"]}
 PROBE_USER, STORM_USER, BURST_USER = "project:team1:probe", "project:team0:storm", "project:team2:burst"
 PROBE_TOPIC, STORM_TOPIC = "ff/v1/team1/c/probe", "ff/v1/team0/c/storm"
-ATTACKS = ("connect_flood", "storm", "connect_burst")
+ATTACKER = "127.0.0.2"  # where the connect floods come from (the probe connects from 127.0.0.1)
+ATTACKS = ("connect_flood", "connect_flood_close", "storm", "connect_burst")
 
 
 # ------------------------------------------------------------------ the probe (another team)
@@ -85,7 +93,11 @@ def run_attack(name: str, target: Target, seconds: float, ready: Any) -> None:
     asyncio.run(ATTACK_FUNCS[name](target, seconds, ready))
 
 
-async def _connect_flood(target: Target, seconds: float, ready: Any) -> None:
+async def _connect_flood_close(target: Target, seconds: float, ready: Any) -> None:
+    await _connect_flood(target, seconds, ready, wait=False)
+
+
+async def _connect_flood(target: Target, seconds: float, ready: Any, wait: bool = True) -> None:
     props: dict[int, Any] = {Prop.USER_PROPERTY: [("", "")] * 200_000}
     packet = encode_connect(Connect(level=5, clean_start=True, keepalive=60, client_id="flood", properties=props))
     ready.set()
@@ -94,11 +106,15 @@ async def _connect_flood(target: Target, seconds: float, ready: Any) -> None:
     async def one() -> None:
         while time.monotonic() < end:
             try:
-                reader, writer = await asyncio.open_connection(HOST, target.port)
+                reader, writer = await asyncio.open_connection(HOST, target.port, local_addr=(ATTACKER, 0))
                 writer.write(packet)
-                async with asyncio.timeout(5):
-                    while await reader.read(65536):
-                        pass
+                if wait:
+                    async with asyncio.timeout(5):
+                        while await reader.read(65536):
+                            pass
+                else:
+                    await asyncio.sleep(0)  # the CONNECT goes to the kernel, then the connection is reset
+                    writer.transport.abort()
                 writer.close()
             except (OSError, TimeoutError):
                 await asyncio.sleep(0.01)
@@ -143,7 +159,12 @@ async def _connect_burst(target: Target, seconds: float, ready: Any) -> None:
         conn.close()
 
 
-ATTACK_FUNCS = {"connect_flood": _connect_flood, "storm": _storm, "connect_burst": _connect_burst}
+ATTACK_FUNCS = {
+    "connect_flood": _connect_flood,
+    "connect_flood_close": _connect_flood_close,
+    "storm": _storm,
+    "connect_burst": _connect_burst,
+}
 
 
 # ------------------------------------------------------------------ runs
@@ -190,15 +211,18 @@ def main() -> None:
     try:
         # "mqtt-front": the product's default limits (the bench harness turns publish_rate off unless told).
         defaults = {"publish_rate": {"client": {"messages": 10_000, "messages_burst": 20_000}}}
-        for name, limits in (("mqtt-front", defaults), ("mqtt-front, publish_rate off", {})):
-            setup = FrontSetup(users=users, limits=limits, name="-fair" if limits else "-fair-off")
+        rate = {**defaults, "connect_rate": {"per_source": 20, "burst": 40}}
+        variants = (("mqtt-front", defaults), ("mqtt-front, publish_rate off", {}), (CONNECT_RATE, rate))
+        for name, limits in variants:
+            suffix = "-fair-rate" if name == CONNECT_RATE else "-fair" if limits else "-fair-off"
+            setup = FrontSetup(users=users, limits=limits, name=suffix)
             proc, port, _ = start_front(workdir, mosq_port, setup)
             fronts[name] = proc
             targets[name] = Target(port, username=PROBE_USER, password=PASSWORD)
         rows: dict[tuple[str, str], list[float]] = {}
         for r in range(args.repeat):
             for name, target in targets.items():
-                runs = [None, *attacks] if name != "mqtt-front, publish_rate off" else [None, "storm"]
+                runs = ONLY.get(name, [None, *attacks])
                 for attack in runs:
                     if attack is not None and attack not in attacks:
                         continue

@@ -29,6 +29,7 @@ class Side(Protocol):
 
     def close(self) -> None: ...
     def is_closing(self) -> bool: ...
+    def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def get_write_buffer_size(self) -> int: ...
 
@@ -121,3 +122,34 @@ class Linger:
         done, self._done = self._done, None
         if done is not None:
             done()
+
+
+class Tarpit:
+    """Connections refused before login for a hostile or broken CONNECT (over ``limits.max_connect_size``,
+    malformed), held open without being read for HOLD seconds before the close, at most ``size`` at a
+    time. A client that sends such CONNECTs in a loop then gets one refusal per HOLD seconds per
+    connection instead of thousands a second: that accept, refuse and reset churn, on cores shared with
+    everyone else, is what slowed other teams in bench/fairness.py's CONNECT flood. The refusal itself
+    (CONNACK with its reason code) is sent at once; only the close waits."""
+
+    HOLD = 1.0
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.held = 0
+
+    def hold(self, transport: Side) -> bool:
+        """Close ``transport`` HOLD seconds from now (False: the tarpit is full, close it yourself)."""
+        if self.held >= self.size:
+            return False
+        self.held += 1
+        transport.pause_reading()
+        asyncio.get_running_loop().call_later(self.HOLD, self._release, transport)
+        return True
+
+    def _release(self, transport: Side) -> None:
+        self.held -= 1
+        transport.close()
+
+
+TARPIT = Tarpit()

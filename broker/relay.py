@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, Literal, Protocol, cast
 
-from broker.linger import Linger, abort
+from broker.linger import TARPIT, Linger, abort
 from broker.logs import format_peer, log_event
 from broker.mqtt.reasons import DisconnectReason
 from broker.pacing import LOGINS
@@ -185,8 +185,7 @@ class ClientConnection(asyncio.Protocol):
         self._throttle = asyncio.get_running_loop().call_later(wait + 0.05, self._rate_refilled)
 
     def _rate_refilled(self) -> None:
-        self._throttled = False
-        self._throttle = None
+        self._throttled, self._throttle = False, None
         if self.session is not None and not self._closed:
             self._allow_publishes()
             self._pump()
@@ -196,9 +195,8 @@ class ClientConnection(asyncio.Protocol):
         messages, size = self.limiter.allowance(time.monotonic())
         self.session.allow_publishes(messages, size)
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         self._shutdown("client closed the connection")
-        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._shutdown("client connection lost" if exc is None else f"client connection lost: {exc}")
@@ -317,15 +315,14 @@ class ClientConnection(asyncio.Protocol):
             if result.ok and result.team is not None:
                 self.host.release_team(result.team)
             return
-        if result.ok and result.team is not None:
-            self._team_slot = result.team
         if result.ok:
+            self._team_slot = result.team  # counted by admit(); None: no team
             self.limiter = self.host.publish_limiter(result.team)
             if self.limiter is not None:
                 self._allow_publishes()
-        if result.ok and result.expires_at is not None:
-            delay = max(0.0, result.expires_at - time.time())
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._credentials_expired)
+            if result.expires_at is not None:
+                delay = max(0.0, result.expires_at - time.time())
+                self._expiry = asyncio.get_running_loop().call_later(delay, self._credentials_expired)
         self.session.auth_done(result)
         self._pump()
 
@@ -460,7 +457,8 @@ class ClientConnection(asyncio.Protocol):
             up, told = self.upstream, session is not None and session.v5  # v5: DISCONNECT sent, the upstream closes
             self._linger = Linger(self.transport, up, told, lambda: self.reads, lambda: self._gone(reason))
             return
-        if self.transport is not None:
+        hostile = session is not None and session.bad_connect  # held a while before the close (linger.Tarpit)
+        if self.transport is not None and not (hostile and TARPIT.hold(self.transport)):
             self.transport.close()  # flushes what is buffered, then closes
         if self.upstream is not None:
             self.upstream.close()

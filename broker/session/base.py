@@ -90,6 +90,7 @@ class SessionBase:
         "_work",
         "_yielded",
         "assigned_client_id",
+        "bad_connect",
         "client_id",
         "keep_alive",
         "peer",
@@ -121,6 +122,9 @@ class SessionBase:
         self._client_framer = Framer(min(settings.max_connect_size, settings.max_packet_size))
         self._work = 0  # cost units the current client read has spent (settings.work_budget)
         self._yielded = False  # the client's held packets wait for the next turn (Continue), not a check
+        # The CONNECT itself was refused (malformed, over a cap, unknown protocol): the I/O layer holds
+        # such a connection for a while before closing it (broker.linger.Tarpit).
+        self.bad_connect = False
         # The publish rate limiter looks again once stats.msgs_in or stats.bytes_in pass these (RateCheck);
         # without a limiter, never. ``rate_held_size``: the size of the PUBLISH held for that check.
         self.publish_stop_msgs = self.publish_stop_bytes = NO_STOP
@@ -341,6 +345,7 @@ class SessionBase:
         self.stats.protocol_errors += 1
         if self._state is not State.ESTABLISHED and not self.stats.connect_result:
             self.stats.connect_result = "limit" if limit is not None else "protocol_error"
+        self.bad_connect = self._state is State.WAIT_CONNECT
         if self.v5 and self._state is State.ESTABLISHED:
             self._out_client.append(encode_disconnect(exc.reason_code))
         elif self.v5 and self._state is State.WAIT_CONNECT:

@@ -58,15 +58,18 @@ class Handshake(SessionBase):
         try:
             connect = decode_connect(chunk, 0, end, self.settings.decode_limits)
         except UnsupportedProtocol as exc:
+            self.bad_connect = True
             self.v5 = exc.v5_format
             self._refuse_connect(ConnackV3.UNACCEPTABLE_PROTOCOL, ConnackV5.UNSUPPORTED_PROTOCOL, str(exc))
             return
         except LimitExceeded as exc:
+            self.bad_connect = True
             self.stats.limit_hit(exc.limit)
             log_event(log, logging.INFO, "limit_exceeded", peer=self.peer, limit=exc.limit, reason=str(exc))
             self._refuse_connect(ConnackV3.SERVER_UNAVAILABLE, exc.reason_code, str(exc), result="limit")
             return
         except ProtocolError as exc:
+            self.bad_connect = True
             # Before CONNACK, a v5 client is answered with a CONNACK carrying the reason.
             if self.v5:
                 self._refuse_connect(ConnackV3.UNACCEPTABLE_PROTOCOL, exc.reason_code, f"malformed CONNECT: {exc}")
