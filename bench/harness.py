@@ -77,7 +77,7 @@ class Proc:
                 self.popen.wait()
 
 
-def start_mosquitto(workdir: Path) -> tuple[Proc, int]:
+def start_mosquitto(workdir: Path, env: dict[str, str] | None = None) -> tuple[Proc, int]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     # Limits off so that neither side drops messages or refuses the 10,000 idle clients.
@@ -88,7 +88,7 @@ def start_mosquitto(workdir: Path) -> tuple[Proc, int]:
     os.chmod(workdir, 0o755)
     os.chmod(conf, 0o644)
     log = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the process
-    popen = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    popen = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, env=env)
     wait_port(port, timeout=15.0)
     return Proc("mosquitto", popen), port
 
@@ -103,6 +103,9 @@ class FrontSetup:
     # flat out, past the product default of 10,000 messages/s (bench/fairness.py measures with the defaults).
     limits: dict[str, Any] = field(default_factory=dict)
     name: str = ""  # a suffix for the config file when several setups differ only in ``limits``
+    # More keys of the tcp listener (e.g. proxy_protocol) and more top-level sections (e.g. metrics).
+    listener: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)
 
 
 def write_users(path: Path, usernames: list[str]) -> None:
@@ -124,7 +127,7 @@ def start_front(workdir: Path, upstream_port: int, setup: FrontSetup) -> tuple[P
     ]
     config = {
         "listeners": [
-            {"name": "mqtt", "type": "tcp", "bind": f"127.0.0.1:{tcp_port}"},
+            {"name": "mqtt", "type": "tcp", "bind": f"127.0.0.1:{tcp_port}", **setup.listener},
             {"name": "ws", "type": "ws", "bind": f"127.0.0.1:{ws_port}", "path": "/mqtt"},
         ],
         "upstream": {"url": f"mqtt://127.0.0.1:{upstream_port}"},
@@ -132,6 +135,7 @@ def start_front(workdir: Path, upstream_port: int, setup: FrontSetup) -> tuple[P
         "auth": {"users_file": str(users_file), "allow_anonymous": False},
         "acl": {"preset": "flowfuse", "rules": rules},
         "logging": {"level": "warning"},
+        **setup.sections,
     }
     if setup.inventory:
         config["inventory"] = {}
