@@ -14,6 +14,7 @@ Pure: the broker maps the rule names to ``broker.session.api.ClientIdRule``.
 
 from __future__ import annotations
 
+import re
 from typing import Final, Literal
 
 from acl.identity import Identity, IdentityKind
@@ -42,6 +43,19 @@ def client_id_rule(identity: Identity, suffix_allowed: bool) -> ClientIdRuleName
     return PREFIX
 
 
+_AGENT = re.compile(r"agent:([^:@]+)@\1")
+
+
+def agent_client_id(username: str) -> str | None:
+    """The other client id of FlowFuse's team agent: ``agent:<team>@<team>`` connects as ``<team>-agent@<team>``.
+
+    That id is also what a Team Broker client named ``<team>-agent`` of the same team would use, so the two
+    can take over each other's session, as in FlowFuse (which checks no client ids); no other team's
+    identity can use it (its ``@<team>`` is the agent's own team)."""
+    match = _AGENT.fullmatch(username)
+    return f"{match[1]}-agent@{match[1]}" if match else None
+
+
 def client_id_allowed(rule: str, username: str, client_id: str) -> bool:
     """Whether an authenticated ``username`` may connect with ``client_id`` under ``rule``.
 
@@ -54,7 +68,7 @@ def client_id_allowed(rule: str, username: str, client_id: str) -> bool:
         raise ValueError(f"unknown client-id rule {rule!r} (expected prefix or exact)")
     if not username or not client_id:
         return False
-    if client_id == username:
+    if client_id == username or client_id == agent_client_id(username):
         return True
     if rule == EXACT:
         return False

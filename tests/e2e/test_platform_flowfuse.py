@@ -206,3 +206,21 @@ async def test_team_broker_clients_live_in_their_mount(
     assert not any(topic.startswith("ff/v1/") for topic in bob_asked)  # relative: the mount is not his to name
     for c in (spy, alice, bob, carol, project):
         await c.close()
+
+
+# -- the team's schema agent ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_the_schema_agent_connects_with_the_client_id_flowfuse_gives_it(
+    make_front: FrontFactory, platform: FakePlatform, v5: bool
+) -> None:
+    agent, other = "agent:team1@team1", "agent:team2@team2"
+    platform.add(agent)
+    platform.add(other)
+    front = await platform_front(make_front, platform, "emqx")
+    # FlowFuse's agent uses `<team>-agent@<team>`; another team's agent cannot take that id.
+    assert await connack(front, agent, platform.passwords[agent], v5, client_id="team1-agent@team1") == 0
+    refused = 0x85 if v5 else 0x02
+    assert await connack(front, other, platform.passwords[other], v5, client_id="team1-agent@team1") == refused
+    assert await connack(front, agent, platform.passwords[agent], v5, client_id="team2-agent@team2") == refused

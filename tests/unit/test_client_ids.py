@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from acl import Identity, IdentityKind, parse_identity
-from acl.client_ids import CLIENT_ID_RULES, EXACT, PREFIX, client_id_allowed, client_id_rule
+from acl.client_ids import CLIENT_ID_RULES, EXACT, PREFIX, agent_client_id, client_id_allowed, client_id_rule
 from acl.identity import FORM_HEADS
 from broker.auth.users import username_problem
 
@@ -101,12 +101,21 @@ def test_team_broker_client_suffix_opt_in() -> None:
     assert not client_id_allowed(client_id_rule(ident, True), "alice@team1", "alice@team1:")
 
 
-def test_schema_agent_flowfuse_client_id_is_refused() -> None:
-    """FlowFuse hands its schema agent the client id `<team>-agent@<team>`: that is the id of a Team Broker
-    client named `<team>-agent`, so it is not the agent's to take (docs/acl.md)."""
+def test_schema_agent_connects_with_the_client_id_flowfuse_gives_it() -> None:
+    """FlowFuse hands its schema agent `agent:<team>@<team>` the client id `<team>-agent@<team>`: allowed
+    (under both rules), and only for the agent of that very team (docs/acl.md)."""
     ident = parse_identity("agent:team1@team1")
     for suffix in (False, True):
-        assert not client_id_allowed(client_id_rule(ident, suffix), "agent:team1@team1", "team1-agent@team1")
+        rule = client_id_rule(ident, suffix)
+        assert client_id_allowed(rule, "agent:team1@team1", "team1-agent@team1")
+        assert client_id_allowed(rule, "agent:team1@team1", "agent:team1@team1")
+        assert not client_id_allowed(rule, "agent:team1@team1", "team2-agent@team2")
+        assert not client_id_allowed(rule, "agent:team1@team1", "team1-agent@team2")
+    # Nobody else gets the alias: not another team's agent, not a look-alike username.
+    for username in ("agent:team2@team2", "agent:team1@team2", "team1-agent@team1", "xagent:team1@team1"):
+        rule = client_id_rule(parse_identity(username), False)
+        assert not client_id_allowed(rule, username, "team1-agent@team1") or username == "team1-agent@team1"
+    assert agent_client_id("agent:t@t") == "t-agent@t" and agent_client_id("agent:t@u") is None
 
 
 def test_empty_username_allows_nothing() -> None:
