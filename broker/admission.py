@@ -317,12 +317,14 @@ class Admission:
             return current
         return policy
 
-    async def decide(self, policy: AccessPolicy | None, check: CheckAccess) -> bool:
-        """A CheckAccess of a session: the policy's own asynchronous decision, or a deny."""
+    async def decide(self, policy: AccessPolicy | None, check: CheckAccess) -> bool | None:
+        """A CheckAccess of a session: the policy's own asynchronous decision (None: its backend did not
+        answer), or a deny."""
         decide = getattr(policy, "decide", None)
         if decide is None:
             return False
-        return bool(await decide(check.action, check.topic, check.retain))
+        allowed = await decide(check.action, check.topic, check.retain)
+        return None if allowed is None else bool(allowed)
 
     def _refused(self, peer: str, user: str | None, client: str, reason: str) -> None:
         log_event(

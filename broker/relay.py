@@ -78,8 +78,8 @@ class ConnectionHost(Protocol):
     def release_team(self, team: str) -> None:
         """Give back the team slot an admitted connection held."""
 
-    def decide_access(self, conn: ClientConnection, check: CheckAccess) -> Awaitable[bool]:
-        """Decide what the session's policy did not know yet (the platform); False on any failure."""
+    def decide_access(self, conn: ClientConnection, check: CheckAccess) -> Awaitable[bool | None]:
+        """Decide what the session's policy did not know yet (the platform); None: it did not answer."""
 
     def open_upstream(self, conn: ClientConnection) -> Awaitable[asyncio.Transport]:
         """A transport to the upstream whose protocol feeds ``conn``; raises when none answers."""

@@ -427,7 +427,7 @@ class FrontBroker:
     def release_team(self, team: str) -> None:
         self.admission.release_team(team)
 
-    async def decide_access(self, conn: ClientConnection, check: CheckAccess) -> bool:
+    async def decide_access(self, conn: ClientConnection, check: CheckAccess) -> bool | None:
         return await self.admission.decide(conn.session.policy if conn.session else None, check)
 
     async def open_upstream(self, conn: ClientConnection) -> asyncio.Transport:

@@ -89,15 +89,16 @@ class PlatformPolicy:
             self._allowed("deliver", topic)
         return decision
 
-    async def decide(self, action: str, topic: str, retain: bool = False) -> bool:
-        """Ask the platform (the session asked with CheckAccess); False on any failure or timeout."""
+    async def decide(self, action: str, topic: str, retain: bool = False) -> bool | None:
+        """Ask the platform (the session asked with CheckAccess); None when it did not answer (an error or
+        a timeout: the session refuses, and can say the platform was unavailable)."""
         if self._superuser:
             return True
         action = _ACTIONS.get(action, action)
-        allowed = await self._client.check(self._username, self._client_id, action, topic)
-        if allowed and action in ("publish", "deliver"):
+        answer = await self._client.answer(self._username, self._client_id, action, topic)
+        if answer == "allow" and action in ("publish", "deliver"):
             self._allowed(action, topic)
-        return allowed
+        return True if answer == "allow" else False if answer == "deny" else None
 
     async def still_subscribed(self, topic_filter: str) -> bool:
         """The periodic re-check of a subscription held: False only when the platform now says deny (a

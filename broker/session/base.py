@@ -84,6 +84,7 @@ class SessionBase:
         "_state",
         "_subacks",
         "_subs",
+        "_unanswered",
         "_upstream_dropped_qos2",
         "_upstream_framer",
         "_upstream_table",
@@ -167,6 +168,8 @@ class SessionBase:
         self._backlog_upstream: list[bytes] = []
         # Answers of CheckAccess for the packet being held: (action, topic, retain) -> allowed.
         self._decided: dict[tuple[str, str, bool], bool] = {}
+        # Checks the deciding backend did not answer (an error or timeout: a deny, but the will says 0x88).
+        self._unanswered: set[tuple[str, str, bool]] = set()
         self._auth_waiting: AuthResult | None = None  # auth_done waits for the will's decision
         # Whether the I/O layer should keep reading each side (read by it after every hand-over; kept as
         # plain attributes because the pump looks at them on every read): the client not while the
@@ -383,6 +386,7 @@ class SessionBase:
         """Ask the I/O layer for a decision the policy does not know yet (see CheckAccess)."""
         if len(self._decided) > 64:
             self._decided.clear()  # answers of packets long gone: a cheap bound
+            self._unanswered.clear()
         self._actions.append(CheckAccess(action, topic, retain))
 
     def _deny(self, action: str, topic: str, retain: bool = False) -> None:

@@ -287,9 +287,13 @@ class Session(Live):
 
     # ------------------------------------------------------------------ access decisions
 
-    def access_decided(self, check: CheckAccess, allowed: bool) -> None:
-        """The answer to a CheckAccess action: the packets held for it go on. Then hand over."""
-        self._decided[(check.action, check.topic, check.retain)] = allowed
+    def access_decided(self, check: CheckAccess, allowed: bool | None) -> None:
+        """The answer to a CheckAccess action: the packets held for it go on. Then hand over. None: the
+        deciding backend did not answer (a deny; a will refused so gets "server unavailable")."""
+        key = (check.action, check.topic, check.retain)
+        self._decided[key] = bool(allowed)
+        if allowed is None:
+            self._unanswered.add(key)
         self._work = 0  # the answer comes in a loop turn of its own
         if self._state is State.AUTHENTICATING:
             self._resume_auth()

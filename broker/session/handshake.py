@@ -183,7 +183,8 @@ class Handshake(SessionBase):
                 )
                 return
         if will is not None:
-            allowed = self._decided.pop(("publish", will.topic, will.retain), None)  # the answer it waited for
+            key = ("publish", will.topic, will.retain)
+            allowed = self._decided.pop(key, None)  # the answer it waited for
             if allowed is None:
                 allowed = result.policy.check_publish(will.topic, will.retain)
             if allowed is None:
@@ -193,6 +194,14 @@ class Handshake(SessionBase):
                 return
             if not allowed:
                 self.stats.denied_will += 1
+                if key in self._unanswered:  # fail closed, and say why: the platform did not answer
+                    self._refuse_connect(
+                        ConnackV3.SERVER_UNAVAILABLE,
+                        ConnackV5.SERVER_UNAVAILABLE,
+                        "will topic not checked: the authorization backend did not answer",
+                        "auth_unavailable",
+                    )
+                    return
                 self._deny("will", will.topic, will.retain)
                 self._refuse_connect(
                     ConnackV3.NOT_AUTHORIZED, ConnackV5.NOT_AUTHORIZED, "will topic not allowed", "not_authorized"

@@ -224,14 +224,16 @@ async def test_will_topic_is_checked(
     dying.abort()  # no DISCONNECT: Mosquitto publishes the will
     msg = await watcher.next_message()
     assert (msg.topic, msg.payload) == (own_will, b"gone")
-    # A will the platform cannot be asked about is refused too (fail closed).
+    # A will the platform cannot be asked about is refused too (fail closed), as "server unavailable": the
+    # client is told to retry later, not that its will is forbidden.
     acl_log(platform, style).fail = 503
     assert await connack(
         front, PA, platform.passwords[PA], v5, client_id=f"{PA}:x", will=Will(f"{own_will}/2", b"gone", 0, False)
-    ) == code(v5, NOT_AUTHORIZED)
+    ) == code(v5, SERVER_UNAVAILABLE)
     s = await metrics_of(front)
     assert s.get("mqtt_front_denials_total", action="will", team="team1") == 2
-    assert s.get("mqtt_front_connect_attempts_total", result="not_authorized") == 2
+    assert s.get("mqtt_front_connect_attempts_total", result="not_authorized") == 1
+    assert s.get("mqtt_front_connect_attempts_total", result="auth_unavailable") == 1
     await watcher.close()
     await dying.close()
 

@@ -63,7 +63,7 @@ class DrivenSession(Session):
         super().refuse_at_accept(reason)
         self._collect()
 
-    def access_decided(self, check: CheckAccess, allowed: bool) -> None:
+    def access_decided(self, check: CheckAccess, allowed: bool | None) -> None:
         super().access_decided(check, allowed)
         self._collect()
 
