@@ -239,6 +239,11 @@ class UpstreamConnector:
         target.open += 1
         self.open += 1
 
-    def closed(self, target: UpstreamTarget) -> None:
+    def closed(self, target: UpstreamTarget, silent_for: float | None = None) -> None:
         target.open -= 1
         self.open -= 1
+        # A broker that accepts connections but never answers CONNECT (hung) is as down as one that refuses
+        # them: a connection that stayed silent for the whole CONNACK timeout counts as its failure, so the
+        # next clients try the other upstreams first (and its metrics and log say so).
+        if silent_for is not None and silent_for >= self.connect_timeout * 0.9:
+            self._target_failed(target, f"no CONNACK within {self.connect_timeout:g}s", more=False)

@@ -350,3 +350,42 @@ async def test_a_silent_node_is_retried_by_one_connection_at_a_time(
     assert opened(front) == [0, 11] and silent.retrying == 0
     for client in (first_login, *storm):
         await client.disconnect()
+
+
+@pytest.fixture
+async def hung_node() -> AsyncIterator[str]:
+    """An mqtt:// URL of a "broker" that accepts connections and never answers a byte (a wedged node)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    yield f"mqtt://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_a_node_that_never_answers_connect_counts_as_failed(
+    start_front: FrontStarter, nodes: list[Mosquitto], hung_node: str, v5: bool
+) -> None:
+    """node1 accepts TCP but never sends CONNACK: the client waiting on it gets "server unavailable" after the
+    CONNACK timeout, and node1 then counts as failed, so the next clients go to node2 at once."""
+    front = await start_front(urls=[hung_node, nodes[1].url])
+    port = front_port(front)
+    started = asyncio.get_running_loop().time()
+    first, code, _ = await RawClient.open(port, "project:team1:p1", v5=v5, client_id=f"project:team1:p1:{uid()}")
+    assert code == (0x88 if v5 else 0x03) and asyncio.get_running_loop().time() - started >= 0.9
+    await first.close()
+    hung = front.upstream.targets[0]
+    assert hung.failures == 1 and hung.failing()
+    later = [await connect_ok(port, "project:team1:p1", v5) for _ in range(3)]
+    assert opened(front) == [0, 3]  # straight to node2
+    metrics = await scrape(front)
+    assert metrics.get("mqtt_front_upstream_connect_failures_total", upstream=hung_node.split("//")[1]) == 1
+    for client in later:
+        await client.disconnect()
