@@ -1,11 +1,15 @@
 """The rate limiter's and keep-alive's cost on the relay path (issue 13): CPU per message within 5 %.
 
-    .venv/bin/python -m bench.limits_cost [--repeat 5] [--count 300000]
+    .venv/bin/python -m bench.limits_cost [--repeat 5] [--count 300000] [--workers 2]
 
 Rate limiter: two fronts side by side, identical but for ``limits.publish_rate`` (off, and on with limits
 the run never reaches: client 1,000,000 messages/s, team 2,000,000, so every PUBLISH pays the two counter
 compares and a checkpoint every 100,000 messages, but no waiting), the same clients and topics, QoS 0,
 runs alternating; mqtt-front CPU per message (user+sys from /proc), median [min-max] of paired runs.
+
+With ``--workers 2`` both fronts run two workers, and the team bucket is the one the workers share in
+memory (broker.shared_counts): what sharing adds per message. The cost of each shared-counts operation
+(a cap's take and release, a bucket charge) against the single-process dict is printed too.
 
 Keep-alive: its per-packet cost is one integer increment per read, in every run above; the rest is the
 0.5 s sweep, measured here in-process over 10,000 established connections (µs per sweep, and the share
@@ -55,17 +59,43 @@ def sweep_cost(connections: int = 10_000, sweeps: int = 50) -> float:
     return (time.perf_counter() - start) / sweeps * 1e6
 
 
+def shared_costs(n: int = 200_000) -> dict[str, float]:
+    """µs per operation: a cap's take+release and a team bucket charge, shared by 2 workers and local."""
+    import timeit
+
+    from broker.session.ratelimit import RatePair
+    from broker.shared_counts import LocalCounts, SharedCounts, SharedRatePair, WorkerCounts
+
+    shared, local = SharedCounts(2).attach(0), LocalCounts()
+
+    def cycle(counts: LocalCounts | WorkerCounts) -> None:
+        counts.take("t", None)
+        counts.release("t")
+
+    spec = (1e9, 1e9, None, None)
+    pair, own = SharedRatePair(shared, "team1", spec), RatePair(*spec, 0.0)
+    return {
+        "take+release, shared": timeit.timeit(lambda: cycle(shared), number=n) / n,
+        "take+release, local": timeit.timeit(lambda: cycle(local), number=n) / n,
+        "team bucket charge, shared": timeit.timeit(lambda: pair.take(10, 640, 1.0), number=n) / n,
+        "team bucket charge, local": timeit.timeit(lambda: own.take(10, 640, 1.0), number=n) / n,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--count", type=int, default=300_000)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="limits-cost-"))
     mosq, mosq_port = start_mosquitto(workdir)
     envs: dict[str, FrontEnv] = {}
     try:
         for name, limits in (("off", {}), ("on", {"publish_rate": RATES})):
-            setup = FrontSetup(users=[SUB_USER, PUB_USER], limits=limits, name=f"-limits-{name}")
+            setup = FrontSetup(
+                users=[SUB_USER, PUB_USER], limits=limits, name=f"-limits-{name}-w{args.workers}", workers=args.workers
+            )
             proc, port, _ = start_front(workdir, mosq_port, setup)
             envs[name] = FrontEnv(name, proc, port, mosq)
         runs, overlaps = paired_runs(envs, TOPICS, args.repeat, args.count)
@@ -73,7 +103,9 @@ def main() -> None:
         for env in envs.values():
             env.proc.stop()
         mosq.stop()
+    print(f"\n--workers {args.workers}")
     print_paired(runs, TOPICS, "publish_rate", args.count, args.repeat, overlaps)
+    print("\nshared counts, µs per operation: " + ", ".join(f"{k} {v * 1e6:.2f}" for k, v in shared_costs().items()))
     cost = sweep_cost()
     print(f"\nkeep-alive sweep over 10,000 connections: {cost:.0f} µs per sweep, {cost / 5e5 * 100:.2f} % of a core")
 
