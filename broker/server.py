@@ -187,6 +187,7 @@ class FrontBroker:
             self.metrics.watch_platform(self.platform)
         if self.admission.store is not None:
             await self.admission.store.start()  # never raises: an unreachable store is retried by its heartbeat
+            self.metrics.watch_store(self.admission.store)
         try:
             for listener in self.config.listeners:
                 server = await start_listener(self, listener, self.tls, reuse_port=self.reuse_port)

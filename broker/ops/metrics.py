@@ -32,12 +32,14 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from broker import __version__
+from broker.cluster_store import ClusterCounts
 from broker.config import Config, UpstreamConfig
 from broker.edge.proxy_transport import PROXY_REFUSALS
 from broker.edge.tls import TLS_FAILURES, TlsContexts
 from broker.edge.websocket import WS_REFUSALS
 from broker.mqtt.packets import PacketType
 from broker.ops.auth_metrics import AuthCollector, AuthLatency, AuthLatencyCollector
+from broker.ops.store_metrics import StoreCollector
 from broker.session.stats import CONNECT_RESULTS, LIMIT_NAMES, Stats
 
 if TYPE_CHECKING:
@@ -392,6 +394,10 @@ class Metrics:
             self.upstream_failures.labels(name)
         upstream.on_connect = self.upstream_connected
         upstream.on_failure = self.upstream_failed
+
+    def watch_store(self, store: ClusterCounts) -> None:
+        """limits.store's counters at scrape time (``mqtt_front_store_*``)."""
+        self.registry.register(StoreCollector(store))
 
     def watch_platform(self, client: PlatformClient, backend: str = "http") -> None:
         """Read this auth.http client's counters at scrape time (``mqtt_front_auth_*{backend}``)."""

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.exposition import generate_latest
 
 from broker.server import FrontBroker
 from tests.support.front import VERSIONS, FrontFactory, front_port
+from tests.support.ops import Scrape
 from tests.support.raw_client import RawClient
 from tests.support.redis_server import RedisServer, start_redis
 
@@ -32,6 +34,10 @@ def limits(redis: RedisServer, cap: int, on_error: str = "closed") -> dict[str, 
 async def open_client(front: FrontBroker, username: str, tag: str, v5: bool = True) -> tuple[RawClient, int]:
     client, code, _ = await RawClient.open(front_port(front), username, v5=v5, client_id=f"{username}:{tag}")
     return client, code
+
+
+def store_metrics(front: FrontBroker) -> Scrape:
+    return Scrape(generate_latest(front.metrics.registry).decode())
 
 
 @pytest.mark.parametrize("v5", VERSIONS)
@@ -56,6 +62,10 @@ async def test_two_replicas_share_the_team_cap(make_front: FrontFactory, redis_s
             await again.close()
             await asyncio.sleep(0.05)
     assert one.admission.team_connections("team1") == 0 and two.admission.team_connections("team1") == 2
+    metrics = store_metrics(one)
+    assert metrics.get("mqtt_front_store_takes_total", result="ok") == 1
+    assert metrics.get("mqtt_front_store_takes_total", result="refused") == 1
+    assert metrics.get("mqtt_front_store_up") == 1
     for client in (b, c, d, other, again):
         await client.close()
 
@@ -71,6 +81,11 @@ async def test_a_store_that_is_down_refuses_team_logins_when_closed(
     v3, v3_code = await open_client(front, "project:team1:p1", "c", False)
     assert (v5_code, v3_code) == (0x88, 0x03)  # server unavailable: fail closed
     assert front.admission.team_connections("team1") == 1  # the refused ones left no local count behind
+    metrics = store_metrics(front)
+    assert metrics.get("mqtt_front_store_up") == 0
+    assert metrics.get("mqtt_front_store_takes_total", result="error") + metrics.get(
+        "mqtt_front_store_takes_total", result="timeout"
+    ) == 2
     assert not held.closed.is_set()  # connected clients stay
     for client in (held, v5, v3):
         await client.close()
