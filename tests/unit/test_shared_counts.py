@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.session.ratelimit import PublishRates
-from broker.shared_counts import CONNECTIONS, LocalCounts, SharedCounts, SharedRatePair
+from broker.shared_counts import AUTH_PENDING, CONNECTIONS, LocalCounts, SharedCounts, SharedRatePair, _key
 
 
 def test_local_and_shared_counts_answer_alike() -> None:
@@ -78,15 +78,41 @@ def test_a_killed_workers_share_is_freed_by_the_parent() -> None:
     assert alive.take("team:a", 2) and not alive.take("team:a", 2)  # the lock was not left held either
 
 
-def test_a_full_table_refuses_a_new_key_and_keeps_the_others() -> None:
+def test_a_table_at_its_bound_refuses_capped_keys_and_lets_uncapped_ones_in_uncounted() -> None:
     shared = SharedCounts(1, slots=8, buckets=4)
     counts = shared.attach(0)
-    for i in range(8):
-        assert counts.take(f"team:{i}", None)
-    assert not counts.take("team:new", None)  # no row left: a cap fails closed
+    for i in range(6):  # three quarters of 8: the bound (a probe always finds an empty slot)
+        assert counts.take(f"team:{i}", 5)
+    assert not counts.take("team:new", 5)  # no row left: a cap fails closed
+    assert counts.take("team:free", None) and counts.total("team:free") == 0  # no cap: in, uncounted
+    counts.release("team:free")  # finds no row: nothing else is touched
+    assert all(counts.total(f"team:{i}") == 1 for i in range(6))
     counts.release("team:3")  # a freed row makes room
-    assert counts.take("team:new", None)
-    assert all(counts.total(f"team:{i}") == (0 if i == 3 else 1) for i in range(8))
+    assert counts.take("team:new", 5)
+    # The process-wide counts have rows of their own: never refused for want of one.
+    assert counts.add(CONNECTIONS, 1) == 1 and counts.take(AUTH_PENDING, 10)
+
+
+def test_a_release_never_takes_another_workers_count() -> None:
+    shared = SharedCounts(2, slots=16, buckets=4)
+    one, two = shared.attach(0), shared.attach(1)
+    assert one.take("team:a", None)
+    two.release("team:a")  # worker two counted none: a stray release changes nothing
+    two.release("team:b")
+    assert one.total("team:a") == 1 and one.total("team:b") == 0
+
+
+def test_free_worker_rebuilds_rows_a_dead_worker_left_half_moved() -> None:
+    shared = SharedCounts(2, slots=16, buckets=4)
+    one, two = shared.attach(0), shared.attach(1)
+    assert one.take("team:a", None) and two.take("team:a", None)
+    slot = shared.counts.find(_key("team:a"), insert=False)
+    twin = (slot + 3) & 15  # as a move killed half way leaves it: the key twice, the columns split
+    shared.keys[twin] = shared.keys[slot]
+    shared.columns[0][twin], shared.columns[0][slot] = shared.columns[0][slot], 0
+    shared.used[0] += 1
+    shared.free_worker(1)
+    assert sum(1 for k in shared.keys if k) == 1 and one.total("team:a") == 1  # one row, worker one's count
 
 
 @settings(max_examples=150, deadline=None)
@@ -136,11 +162,39 @@ def test_publish_rates_use_shared_team_buckets_when_given() -> None:
     assert second.charge(5, 50, 0.0) > 0  # the team's 10 messages went through the other worker
 
 
-def test_a_full_bucket_table_forgets_full_buckets_then_gives_up() -> None:
-    shared = SharedCounts(1, slots=8, buckets=2)
+def test_a_full_bucket_table_forgets_refilled_buckets_at_most_once_a_second() -> None:
+    shared = SharedCounts(1, slots=8, buckets=4)
     counts = shared.attach(0)
     rates = (10.0, 10.0, 0.0, 0.0)
-    assert counts.buckets("a", 10, 0, 0.0, rates) == (0.0, float("inf"))
-    assert counts.buckets("b", 10, 0, 0.0, rates) is not None
-    assert counts.buckets("c", 1, 0, 0.0, rates) is None  # both in use and not refilled
-    assert counts.buckets("c", 1, 0, 5.0, rates) == (9.0, float("inf"))  # refilled ones are forgotten
+    assert counts.buckets("a", 10, 0, 1.0, rates) == (0.0, float("inf"))  # full again at 2.0
+    assert counts.buckets("b", 10, 0, 1.0, rates) is not None
+    assert counts.buckets("c", 10, 0, 1.0, rates) is not None  # three rows: the bound of 4
+    assert counts.buckets("d", 1, 0, 1.5, rates) is None  # none refilled yet
+    assert counts.buckets("d", 1, 0, 1.8, rates) is None  # no second sweep within a second
+    assert counts.buckets("d", 1, 0, 5.0, rates) == (9.0, float("inf"))  # refilled ones are forgotten
+
+
+def test_refilled_rows_are_judged_by_their_own_rates() -> None:
+    # Per-source connect buckets and team buckets share the table: a new source's connect must not drop a
+    # team bucket that is in debt at its own (slower) rate (a review finding).
+    shared = SharedCounts(1, slots=8, buckets=16)
+    counts = shared.attach(0)
+    team = SharedRatePair(counts, "team1", (10.0, 1000.0, None, None))
+    assert team.take(990, 0, 1.0) == 0.0  # 10 tokens left, full again at 100 s
+    for i in range(20):  # connect buckets (1/s, burst 1) fill the table and refill after a second
+        counts.buckets(f"\x00connect:10.0.0.{i}", 1, 0, 2.0 + i, (1.0, 1.0, 0.0, 0.0))
+    tokens = counts.buckets(team.name, 0, 0, 30.0, team.rates)
+    assert tokens is not None and abs(tokens[0] - 300.0) < 1e-6  # its row kept: 10 + 29 s x 10, not a fresh 1000
+    assert team._own is None
+
+
+def test_a_team_without_a_row_gets_a_bucket_of_its_worker() -> None:
+    shared = SharedCounts(1, slots=8, buckets=4)
+    counts = shared.attach(0)
+    spec = (10.0, 10.0, None, None)
+    held = [SharedRatePair(counts, f"team{i}", spec) for i in range(3)]
+    for pair in held:
+        pair.take(10, 0, 1.0)
+    late = SharedRatePair(counts, "team9", spec)
+    assert late.take(10, 0, 1.2) == 0.0 and late.take(10, 0, 1.2) > 0  # limited, by its own bucket
+    assert late._own is not None
