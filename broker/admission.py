@@ -114,7 +114,11 @@ class Admission:
         if result.ok and result.team is not None:
             if not self.take_team_slot(result.team):
                 return AuthResult(False, quota_exceeded=True)
-            refusal = await self._take_cluster_slot(result.team, peer, request)
+            try:
+                refusal = await self._take_cluster_slot(result.team, peer, request)
+            except BaseException:  # the client left while the store was asked: its local slot goes back
+                self.counts.release(_TEAM + result.team)
+                raise
             if refusal is not None:
                 self.counts.release(_TEAM + result.team)
                 return refusal
