@@ -148,7 +148,11 @@ class UpstreamConnector:
             finally:
                 target.retrying -= int(retry)
             now = time.monotonic()
-            target.last_ok = self.last_ok = now
+            if target.silent:  # a hung node accepts connections: this one is its probe until it answers
+                target.probing = True
+            else:
+                target.last_ok = now
+            self.last_ok = now
             target.last_latency = now - started
             if self.on_connect is not None:
                 self.on_connect(target, now - started)
@@ -239,11 +243,20 @@ class UpstreamConnector:
         target.open += 1
         self.open += 1
 
+    def answered(self, target: UpstreamTarget) -> None:
+        """The first byte from the upstream on a connection: a node marked hung works again."""
+        if target.silent:
+            target.silent = target.probing = False
+            target.last_ok = time.monotonic()
+
     def closed(self, target: UpstreamTarget, silent_for: float | None = None) -> None:
         target.open -= 1
         self.open -= 1
+        if silent_for is not None:
+            target.probing = False  # the probe ended without an answer (failed below, or its client left)
         # A broker that accepts connections but never answers CONNECT (hung) is as down as one that refuses
         # them: a connection that stayed silent for the whole CONNACK timeout counts as its failure, so the
         # next clients try the other upstreams first (and its metrics and log say so).
         if silent_for is not None and silent_for >= self.connect_timeout * 0.9:
+            target.silent = True
             self._target_failed(target, f"no CONNACK within {self.connect_timeout:g}s", more=False)

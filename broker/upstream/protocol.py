@@ -26,6 +26,9 @@ class OpenCounter(Protocol):
     """Counts open upstream connections per target (for metrics and readiness)."""
 
     def opened(self, target: UpstreamTarget) -> None: ...
+    def answered(self, target: UpstreamTarget) -> None:
+        """The upstream's first byte on a connection."""
+
     def closed(self, target: UpstreamTarget, silent_for: float | None) -> None:
         """``silent_for``: seconds the connection lasted without one byte from the upstream (None: it spoke)."""
 
@@ -48,7 +51,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.connector.opened(self.target)
 
     def data_received(self, data: bytes) -> None:
-        self._opened_at = None
+        if self._opened_at is not None:  # the first read only
+            self._opened_at = None
+            self.connector.answered(self.target)
         self.client.upstream_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:

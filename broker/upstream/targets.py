@@ -27,6 +27,10 @@ class UpstreamTarget:
     resumed: int = 0  # ... of which resumed a previous session
     session: ssl.SSLSession | None = field(default=None, repr=False)  # the last good one, to resume
     retrying: int = 0  # attempts under way while it is failing (see recently_failed)
+    # It accepted connections but did not answer CONNECT (hung): a TCP connect proves nothing then; only
+    # a byte from it does (UpstreamConnector.answered). probing: one connection is finding out.
+    silent: bool = False
+    probing: bool = False
     _last_log: float = field(default=0.0, repr=False)
 
     def failing(self) -> bool:
@@ -39,7 +43,7 @@ class UpstreamTarget:
         at all (a vanished host) costs that one connection the connect timeout, not every concurrent one."""
         if self.last_failure is None or not self.failing():
             return False
-        return now - self.last_failure <= RETRY_AFTER or self.retrying > 0
+        return now - self.last_failure <= RETRY_AFTER or self.retrying > 0 or self.probing
 
 
 class UpstreamUnavailable(ConnectionError):

@@ -387,5 +387,28 @@ async def test_a_node_that_never_answers_connect_counts_as_failed(
     assert opened(front) == [0, 3]  # straight to node2
     metrics = await scrape(front)
     assert metrics.get("mqtt_front_upstream_connect_failures_total", upstream=hung_node.split("//")[1]) == 1
+    # Once RETRY_AFTER has passed, one connection probes node1 again. Its TCP connect succeeds, which proves
+    # nothing for a hung node: the logins meanwhile still go to node2 at once (a review finding: they all
+    # went back to node1 and waited out the timeout, in blocks, every RETRY_AFTER).
+    assert hung.last_failure is not None and hung.last_ok is not None
+    hung.last_failure -= targets.RETRY_AFTER  # as if RETRY_AFTER had passed (its first TCP connect too)
+    hung.last_ok -= targets.RETRY_AFTER
+    loop = asyncio.get_running_loop()
+
+    async def timed_login() -> tuple[float, int]:
+        begun = loop.time()
+        client, code, _ = await RawClient.open(port, "project:team1:p1", v5=v5, client_id=f"project:team1:p1:{uid()}")
+        later.append(client)
+        return loop.time() - begun, code
+
+    first_probe = asyncio.ensure_future(timed_login())
+    await asyncio.sleep(0.1)  # the probe is connected to node1 and waits for its CONNACK
+    assert hung.probing
+    quick = await asyncio.gather(*(timed_login() for _ in range(8)))
+    assert all(code == 0 and took < 0.5 for took, code in quick), quick
+    took, code = await first_probe
+    assert code == (0x88 if v5 else 0x03) and took >= 0.9  # the probe alone paid the timeout
+    assert hung.failures == 2 and not hung.probing
     for client in later:
-        await client.disconnect()
+        if not client.closed.is_set():
+            await client.disconnect()
