@@ -137,14 +137,19 @@ class Tarpit:
     def __init__(self, size: int = 1024) -> None:
         self.size = size
         self.held = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the held ones belong to
 
     def hold(self, transport: Side) -> bool:
-        """Close ``transport`` HOLD seconds from now (False: the tarpit is full, close it yourself)."""
+        """Close ``transport`` HOLD seconds from now (False: the tarpit is full, close it yourself). Held
+        connections no longer count against limits.max_connections: ``size`` bounds their descriptors."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a loop that ended took its timers (and held sockets) with it
+            self._loop, self.held = loop, 0
         if self.held >= self.size:
             return False
         self.held += 1
         transport.pause_reading()
-        asyncio.get_running_loop().call_later(self.HOLD, self._release, transport)
+        loop.call_later(self.HOLD, self._release, transport)
         return True
 
     def _release(self, transport: Side) -> None:

@@ -329,9 +329,9 @@ class ClientConnection(asyncio.Protocol):
     async def _check_access(self, check: CheckAccess) -> None:
         try:
             allowed = await self.host.decide_access(self, check)
-        except Exception:  # fail closed: an error in the decision path is a deny
+        except Exception:  # fail closed: an error in the decision path is a deny (a will's: 0x88)
             log.exception("access decision failed for %s", self.peer)
-            allowed = False
+            allowed = None
         if self._closed or self.session is None:
             return
         self.session.access_decided(check, allowed)

@@ -292,7 +292,7 @@ class Session(Live):
         deciding backend did not answer (a deny; a will refused so gets "server unavailable")."""
         key = (check.action, check.topic, check.retain)
         self._decided[key] = bool(allowed)
-        if allowed is None:
+        if allowed is None and self._state is State.AUTHENTICATING:  # only the will's answer is read so
             self._unanswered.add(key)
         self._work = 0  # the answer comes in a loop turn of its own
         if self._state is State.AUTHENTICATING:

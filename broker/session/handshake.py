@@ -195,6 +195,7 @@ class Handshake(SessionBase):
             if not allowed:
                 self.stats.denied_will += 1
                 if key in self._unanswered:  # fail closed, and say why: the platform did not answer
+                    self._unanswered.clear()
                     self._refuse_connect(
                         ConnackV3.SERVER_UNAVAILABLE,
                         ConnackV5.SERVER_UNAVAILABLE,
