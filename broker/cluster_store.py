@@ -155,6 +155,9 @@ class ClusterCounts:
         self._full = True  # the next batch rewrites the whole hash
         self._queue: list[_Take] = []
         self._kick = asyncio.Event()
+        # close() says so here too: Python 3.11's asyncio.timeout can turn a cancel that lands as the timeout
+        # expires into a TimeoutError, which the heartbeat's wait suppresses (the task then never ended).
+        self._closing = False
         self._client: Redis | None = None
         self._sync: Any = None  # redis-py's AsyncScript: EVALSHA, loading the script again after NOSCRIPT
         self._leave: Any = None
@@ -198,6 +201,7 @@ class ClusterCounts:
     async def close(self) -> None:
         """Stop the heartbeat and remove this process's counts, so its slots are free at once."""
         task, self._task = self._task, None
+        self._closing = True
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -270,7 +274,7 @@ class ClusterCounts:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         beat = loop.time() + self.config.heartbeat
-        while True:
+        while not self._closing:
             wait = beat - loop.time()
             if wait > 0 and not (self._up and (self._queue or self._dirty)):
                 self._kick.clear()

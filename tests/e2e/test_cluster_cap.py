@@ -13,7 +13,8 @@ import pytest
 from prometheus_client.exposition import generate_latest
 
 from broker.server import FrontBroker
-from tests.support.front import VERSIONS, FrontFactory, front_port
+from broker.session import Authenticate
+from tests.support.front import PASSWORD, VERSIONS, FrontFactory, front_port
 from tests.support.ops import Scrape
 from tests.support.raw_client import RawClient
 from tests.support.redis_server import RedisServer, start_redis
@@ -102,3 +103,28 @@ async def test_a_store_that_is_down_lets_team_logins_in_when_open(
     assert (code_a, code_b, code_c) == (0, 0, 0x97)  # in on this replica's own count, which still caps
     for client in (a, b, c):
         await client.close()
+
+
+async def test_a_login_cancelled_while_the_store_is_asked_gives_its_slot_back(
+    make_front: FrontFactory, redis_server: RedisServer
+) -> None:
+    """A login whose task is cancelled meanwhile (its connection shut down, the process stopping) while the
+    store is asked: the local team slot it took goes back (it leaked: the team was locked out)."""
+    config = limits(redis_server, 1)
+    config["store"]["timeout"] = 5.0
+    front = await make_front(limits=config)
+    redis_server.pause()  # the store hangs: the take waits
+    try:
+        request = Authenticate("project:team1:p1", PASSWORD.encode(), "project:team1:p1:gone")
+        login = asyncio.ensure_future(front.admission.admit(request, "mqtt", None, "127.0.0.1:1"))
+        await asyncio.sleep(0.3)
+        assert front.admission.team_connections("team1") == 1 and not login.done()
+        login.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await login
+        assert front.admission.team_connections("team1") == 0
+    finally:
+        redis_server.resume()
+    client, code = await open_client(front, "project:team1:p1", "after")
+    assert code == 0  # the team's cap of 1 is free
+    await client.close()
