@@ -11,11 +11,20 @@ from typing import Any
 import pytest
 
 from broker.config import parse_config
+from broker.linger import TARPIT
 from broker.server import FrontBroker
 from tests.support.front import FrontFactory, write_users_file
 from tests.support.mosquitto import Mosquitto, start_mosquitto
 from tests.support.pki import Pki, make_pki, pki_directory
 from tests.support.platform import FakePlatform
+
+
+@pytest.fixture(autouse=True)
+def short_tarpit(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CONNECT refused as malformed is closed 1 s later (broker.linger.Tarpit): the in-process fronts of
+    tests about other things close it after 50 ms instead (tests/e2e/test_tarpit.py keeps the real hold)."""
+    if not request.module.__name__.endswith("test_tarpit"):
+        monkeypatch.setattr(TARPIT, "HOLD", 0.05)
 
 
 @pytest.fixture(scope="module")

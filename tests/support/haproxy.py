@@ -10,16 +10,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
-import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tests.support.ports import free_port
+from tests.support.ports import free_port, installed
 
 START_TIMEOUT = 15.0
 FRONTEND = "mqtt"  # the section names in haproxy.cfg
@@ -27,10 +26,7 @@ BACKEND = "replicas"
 
 
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
-    if found is None:
-        raise RuntimeError("haproxy is not installed: run `make test`, which installs it with apt-get")
-    return found
+    return installed("haproxy", "/usr/sbin/haproxy")
 
 
 @dataclass
@@ -224,24 +220,9 @@ def _wait_started(front: HAProxy, names: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def haproxy(
-    directory: Path,
-    backends: list[Backend],
-    *,
-    send_proxy_v2: bool = True,
-    check_interval_ms: int = 300,
-    balance: str = "roundrobin",
-    timeout_client_s: int = 60,
-) -> Iterator[HAProxy]:
-    """``start_haproxy(...)`` for the block; stopped when it ends."""
-    front = start_haproxy(
-        directory,
-        backends,
-        send_proxy_v2=send_proxy_v2,
-        check_interval_ms=check_interval_ms,
-        balance=balance,
-        timeout_client_s=timeout_client_s,
-    )
+def haproxy(directory: Path, backends: list[Backend], **options: Any) -> Iterator[HAProxy]:
+    """``start_haproxy(directory, backends, **options)`` for the block; stopped when it ends."""
+    front = start_haproxy(directory, backends, **options)
     try:
         yield front
     finally:

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.pki import Pki
-from tests.support.ports import free_port, wait_port
+from tests.support.ports import free_port, installed, wait_port
 
 
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if found is None:
-        raise RuntimeError("mosquitto is not installed: run `make test`, which installs it with apt-get")
-    return found
+    return installed("mosquitto", "/usr/sbin/mosquitto")
 
 
 @dataclass

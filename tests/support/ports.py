@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import socket
 import time
 
@@ -42,3 +44,12 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def installed(name: str, fallback: str) -> str:
+    """The path of a program the tests need (``PATH`` first, then ``fallback``, e.g. /usr/sbin for a
+    daemon); a missing one says how to get it instead of skipping."""
+    found = shutil.which(name) or (fallback if os.path.exists(fallback) else None)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: run `make test`, which installs it with apt-get")
+    return found

@@ -4,8 +4,6 @@ by the tests."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import ssl
@@ -14,14 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.ports import free_port
+from tests.support.ports import free_port, installed
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(found):
-        raise RuntimeError("redis-server is not installed: run `make test`, which installs it with apt-get")
-    return found
+    return installed("redis-server", "/usr/bin/redis-server")
 
 
 def ping(port: int, password: str | None = None, ca: Path | None = None, timeout: float = 0.5) -> bool:
