@@ -10,17 +10,9 @@ of ``--repeat`` paired runs, for one topic and for 2,048 topics cycled. Target: 
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from bench.harness import FrontSetup, start_front, start_mosquitto
-from bench.paired import paired_runs, print_paired
-from bench.platform_cost import PUB_USER, SUB_USER, FrontEnv
-
-SETS = {
-    "1 topic": ["ff/v1/team0/p/pub/out/bench"],
-    "2,048 topics": [f"ff/v1/team0/p/pub/out/k{k:04d}" for k in range(2048)],
-}
+from bench.harness import FrontSetup
+from bench.paired import TOPIC_SETS, print_paired, run_off_on
 
 
 def main() -> None:
@@ -28,19 +20,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--count", type=int, default=300_000)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="inventory-relay-"))
-    mosq, mosq_port = start_mosquitto(workdir)
-    envs: dict[str, FrontEnv] = {}
-    try:
-        for name, on in (("off", False), ("on", True)):
-            proc, port, _ = start_front(workdir, mosq_port, FrontSetup(users=[SUB_USER, PUB_USER], inventory=on))
-            envs[name] = FrontEnv(name, proc, port, mosq)
-        runs, overlaps = paired_runs(envs, SETS, args.repeat, args.count)
-    finally:
-        for env in envs.values():
-            env.proc.stop()
-        mosq.stop()
-    print_paired(runs, SETS, "inventory", args.count, args.repeat, overlaps)
+    runs, overlaps = run_off_on(
+        "inventory-relay-", FrontSetup(inventory=False), FrontSetup(inventory=True), args.repeat, args.count
+    )
+    print_paired(runs, TOPIC_SETS, "inventory", args.count, args.repeat, overlaps)
 
 
 if __name__ == "__main__":

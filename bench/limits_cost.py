@@ -19,18 +19,11 @@ of one core it takes at one sweep per 0.5 s).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
-from bench.harness import FrontSetup, start_front, start_mosquitto
-from bench.paired import paired_runs, print_paired
-from bench.platform_cost import PUB_USER, SUB_USER, FrontEnv
+from bench.harness import FrontSetup
+from bench.paired import TOPIC_SETS, print_paired, run_off_on
 
-TOPICS = {
-    "1 topic": ["ff/v1/team0/p/pub/out/bench"],
-    "2,048 topics": [f"ff/v1/team0/p/pub/out/k{k:04d}" for k in range(2048)],
-}
 RATES = {"client": {"messages": 1_000_000, "bytes": 1e9}, "team": {"messages": 2_000_000}}
 
 
@@ -88,23 +81,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300_000)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="limits-cost-"))
-    mosq, mosq_port = start_mosquitto(workdir)
-    envs: dict[str, FrontEnv] = {}
-    try:
-        for name, limits in (("off", {}), ("on", {"publish_rate": RATES})):
-            setup = FrontSetup(
-                users=[SUB_USER, PUB_USER], limits=limits, name=f"-limits-{name}-w{args.workers}", workers=args.workers
-            )
-            proc, port, _ = start_front(workdir, mosq_port, setup)
-            envs[name] = FrontEnv(name, proc, port, mosq)
-        runs, overlaps = paired_runs(envs, TOPICS, args.repeat, args.count)
-    finally:
-        for env in envs.values():
-            env.proc.stop()
-        mosq.stop()
+    w = args.workers
+    off = FrontSetup(name=f"-limits-off-w{w}", workers=w)
+    on = FrontSetup(limits={"publish_rate": RATES}, name=f"-limits-on-w{w}", workers=w)
+    runs, overlaps = run_off_on("limits-cost-", off, on, args.repeat, args.count)
     print(f"\n--workers {args.workers}")
-    print_paired(runs, TOPICS, "publish_rate", args.count, args.repeat, overlaps)
+    print_paired(runs, TOPIC_SETS, "publish_rate", args.count, args.repeat, overlaps)
     print("\nshared counts, µs per operation: " + ", ".join(f"{k} {v * 1e6:.2f}" for k, v in shared_costs().items()))
     cost = sweep_cost()
     print(f"\nkeep-alive sweep over 10,000 connections: {cost:.0f} µs per sweep, {cost / 5e5 * 100:.2f} % of a core")

@@ -7,10 +7,39 @@ divided by the messages delivered), QoS 0, median [min-max] of each side and of 
 from __future__ import annotations
 
 import statistics
+import tempfile
+from pathlib import Path
 
-from bench.platform_cost import FrontEnv, Overlaps, spread, throughput
+from bench.harness import FrontSetup, start_front, start_mosquitto
+from bench.platform_cost import PUB_USER, SUB_USER, FrontEnv, Overlaps, spread, throughput
 
 Runs = dict[tuple[str, str], list[float]]
+
+# One topic (the caches' best case) and 2,048 cycled topics (past the per-client caches).
+TOPIC_SETS = {
+    "1 topic": ["ff/v1/team0/p/pub/out/bench"],
+    "2,048 topics": [f"ff/v1/team0/p/pub/out/k{k:04d}" for k in range(2048)],
+}
+
+
+def run_off_on(
+    prefix: str, off: FrontSetup, on: FrontSetup, repeat: int, count: int, sets: dict[str, list[str]] = TOPIC_SETS
+) -> tuple[Runs, Overlaps]:
+    """One Mosquitto, the two fronts (``users`` set to the bench publisher and subscriber), paired runs, all
+    stopped again."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    mosq, mosq_port = start_mosquitto(workdir)
+    envs: dict[str, FrontEnv] = {}
+    try:
+        for name, setup in (("off", off), ("on", on)):
+            setup.users = [SUB_USER, PUB_USER]
+            proc, port, _ = start_front(workdir, mosq_port, setup)
+            envs[name] = FrontEnv(name, proc, port, mosq)
+        return paired_runs(envs, sets, repeat, count)
+    finally:
+        for env in envs.values():
+            env.proc.stop()
+        mosq.stop()
 
 
 def paired_runs(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.ports import free_port, installed
+from tests.support.ports import free_port, installed, stop_process
 
 START_TIMEOUT = 15.0
 FRONTEND = "mqtt"  # the section names in haproxy.cfg
@@ -52,13 +52,7 @@ class HAProxy:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

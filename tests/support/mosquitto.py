@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.pki import Pki
-from tests.support.ports import free_port, installed, wait_port
+from tests.support.ports import free_port, installed, stop_process, wait_port
 
 
 def mosquitto_binary() -> str:
@@ -26,13 +26,7 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_mosquitto(directory: Path, extra: str = "", port: int | None = None) -> Mosquitto:

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import time
 
 
@@ -53,3 +54,14 @@ def installed(name: str, fallback: str) -> str:
     if found is None:
         raise RuntimeError(f"{name} is not installed: run `make test`, which installs it with apt-get")
     return found
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within ``timeout`` seconds (a server started by a test)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

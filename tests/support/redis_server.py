@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.ports import free_port, installed
+from tests.support.ports import free_port, installed, stop_process
 
 
 def redis_binary() -> str:
@@ -90,12 +90,7 @@ class RedisServer:
             return
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
     def pause(self) -> None:
         """SIGSTOP: connections are accepted by the kernel, nothing is answered (a hung store)."""
