@@ -1,4 +1,4 @@
-"""CPU per platform request of the HTTP client alone: the front's PlatformClient (httpx) vs a bare aiohttp client.
+"""CPU per platform request of the HTTP client alone: the front's PlatformClient vs bare httpx and aiohttp clients.
 
     .venv/bin/python -m bench.platform_client_cost [--requests 1000] [--delay 0.02] [--repeat 3]
 
@@ -131,9 +131,9 @@ def main() -> None:
                     results.setdefault((which, concurrency), []).append(res)
     finally:
         platform.stop()
-    import broker.auth.platform as built
+    import broker.auth.http_client as built
 
-    library = "aiohttp" if hasattr(built, "aiohttp") else "httpx" if hasattr(built, "httpx") else "?"
+    library = next((name for name in ("httptools", "h11") if hasattr(built, name)), "?")
     print(f"\n{args.requests} auth requests, platform answering after {args.delay * 1000:.0f} ms; "
           f"median [min-max] of {args.repeat}; PlatformClient on {library}\n")
     print("| client | max_concurrency | bound s | wall s | CPU µs per request |\n|---|---|---|---|---|")

@@ -1,12 +1,14 @@
-"""The keep-alive HTTP/1.1 client that carries the platform's questions: h11 speaks the protocol,
+"""The keep-alive HTTP/1.1 client that carries the platform's questions: httptools parses the answers,
 thin asyncio Protocols do the I/O.
 
-Why not aiohttp (which carried them until this module): every login and every cold-cache delivery
-check is one request, and on this path aiohttp's client machinery (request and response objects,
-cookie and header processing, a task per connection acquisition, timers) cost about 140 µs of CPU per
-request, which made a 1,000-client login storm CPU-bound on the front's one event loop
-(docs/benchmarks.md). Here a request is one future, one timer and one write; h11 (the Sans-I/O
-HTTP/1.1 library httpx is built on) does the framing, so nothing about HTTP is hand-parsed.
+Why not aiohttp (which carried them first): every login and every cold-cache delivery check is one
+request, and on this path aiohttp's client machinery (request and response objects, cookie and header
+processing, a task per connection acquisition, timers) cost about 140 µs of CPU per request, which made
+a 1,000-client login storm CPU-bound on the front's one event loop (docs/benchmarks.md). Here a request
+is one future, one timer and one write of a head built once per target. Why httptools, not h11 (which
+framed them before and still validates the configured headers at start): h11 is pure
+Python and cost 44 µs per request and answer, httptools (llhttp, the parser of Node.js, in C) 0.6 µs,
+and a login storm is CPU-bound on that loop. Nothing about HTTP is hand-parsed.
 
 Answers are *paced*: an answer is parsed as it arrives (its slot goes to the next request at once),
 but at most ``PACE`` waiters are woken per turn of the event loop, so a platform answering many
@@ -30,6 +32,7 @@ from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import h11
+import httptools
 
 # Below Node.js's default server keepAliveTimeout (5 s): a pooled connection is dropped before the platform
 # closes it, so a request is never written into a connection the server is closing.
@@ -81,6 +84,8 @@ class Target:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
+        if any(c <= " " or c == "\x7f" for c in path):  # a space or control would break the request line
+            raise ValueError(f"URL path with spaces or control characters: {url!r}")
         host = parts.hostname
         shown = f"[{host}]" if ":" in host else host
         default = port == (443 if scheme == "https" else 80)
@@ -100,17 +105,27 @@ class _Request:
 
 
 class _Connection(asyncio.Protocol):
-    """One kept-alive connection; at most one request on it at a time (no pipelining)."""
+    """One kept-alive connection; at most one request on it at a time (no pipelining).
+
+    Its answers are read by httptools (llhttp, Node.js's parser): the parser's callbacks only record, and
+    what they recorded is judged after each ``feed_data``, so no exception crosses the C parser."""
 
     def __init__(self, pool: HttpClient, origin: tuple[str, str, int]) -> None:
         self.pool = pool
         self.origin = origin
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_BODY)
+        self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.request: _Request | None = None
         self.status = 0
         self.body: list[bytes] = []
-        self.size = 0
+        self.size = 0  # bytes of the current answer's body
+        self.head_size = 0  # bytes read of the current answer's head (it must end within MAX_BODY)
+        self.in_head = False  # the current answer's head has begun and not ended
+        self.framed = False  # the answer says where its body ends (Content-Length or chunked)
+        self.complete = False  # a final answer was read whole
+        self.keep_alive = False  # the final answer lets the connection be reused
+        self.extra = False  # bytes after that answer began another: the connection is not reused
+        self.error: str | None = None  # what a callback found wrong
         self.idle_since = 0.0
         self.lost = False
 
@@ -120,10 +135,48 @@ class _Connection(asyncio.Protocol):
     def send(self, request: _Request) -> None:
         assert self.transport is not None
         self.request = request
-        self.status, self.body, self.size = 0, [], 0
-        conn = self.h11
-        head = self.pool._head(request)
-        self.transport.write(conn.send(head) + conn.send(h11.Data(data=request.body)) + conn.send(h11.EndOfMessage()))
+        self.status, self.body, self.size, self.complete, self.extra = 0, [], 0, False, False
+        self.transport.write(self.pool._head(request) + request.body)
+
+    # -- httptools callbacks: record only ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # (HTTP/1.1 cannot tell a stray answer from ours: the first one is taken)
+            self.extra = True
+            return
+        if self.request is None and self.error is None:
+            self.error = "an answer nobody asked for"
+        self.in_head, self.head_size, self.framed = True, 0, False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.extra:
+            return
+        lowered = name.lower()
+        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        if self.extra:
+            return
+        self.in_head = False
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if self.extra or 100 <= self.status < 200:
+            return
+        self.size += len(body)
+        if self.size > MAX_BODY:
+            if self.error is None:
+                self.error = f"answer larger than {MAX_BODY} bytes"
+        else:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self.extra and not 100 <= self.status < 200:  # an informational answer (1xx) precedes the final one
+            self.complete = True
+            self.keep_alive = self.parser.should_keep_alive()  # (read here: the parser resets after this call)
+
+    # -- reading -------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         self.parse(data)  # at once: the slot goes to the next request now; the waiter is woken paced
@@ -131,42 +184,30 @@ class _Connection(asyncio.Protocol):
     def parse(self, data: bytes, eof: bool = False) -> None:
         """Read what arrived: an answer completes its request.
 
-        ``eof``: the platform closed the connection cleanly; once what arrived is read, the close is handed to h11,
-        which ends a body delimited by it and tells it from an answer cut short."""
-        if not data and not eof:
+        ``eof``: the platform closed the connection cleanly; an answer whose body is delimited by the close
+        (neither Content-Length nor chunked: RFC 9112 6.3) ends here, any other one was cut short."""
+        if self.lost:
             return
-        conn = self.h11
-        closed = False  # h11 was told of the close
-        try:
-            if data:
-                conn.receive_data(data)
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA and eof and not closed:
-                    conn.receive_data(b"")
-                    closed = True
-                    continue
-                if event is h11.NEED_DATA or event is h11.PAUSED:
-                    return
-                if self.request is None:
-                    raise HttpError("an answer nobody asked for")
-                if isinstance(event, h11.Response):
-                    self.status = event.status_code
-                elif isinstance(event, h11.Data):
-                    self.size += len(event.data)
-                    if self.size > MAX_BODY:
-                        raise HttpError(f"answer larger than {MAX_BODY} bytes")
-                    self.body.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    self._answered()
-                    return
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise HttpError("connection closed by the platform")
-                # h11.InformationalResponse (1xx): keep reading
-        except HttpError as exc:
-            self._fail(exc)
-        except h11.ProtocolError as exc:
-            self._fail(HttpError("connection lost" if closed else f"malformed answer: {exc}"))
+        if data:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self.error = self.error or "the platform switched protocols"
+            except httptools.HttpParserError as exc:
+                self.error = self.error or f"malformed answer: {exc}"
+            if self.in_head:
+                self.head_size += len(data)
+                if self.head_size > MAX_BODY and self.error is None:
+                    self.error = f"answer head larger than {MAX_BODY} bytes"
+        if self.error is None and self.complete:
+            self._answered(reusable=False if self.extra else None)
+        elif self.error is None and eof and self.request is not None and self.status >= 200 and not self.in_head:
+            if self.framed or self.status in (204, 304):
+                self.error = "connection lost"
+            else:
+                self._answered(reusable=False)
+        if self.error is not None:
+            self._fail(HttpError(self.error))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.parse(b"", eof=exc is None)  # a body delimited by the close ends here
@@ -177,15 +218,15 @@ class _Connection(asyncio.Protocol):
             self.pool._finish(request, HttpError("connection lost" if exc is None else f"connection lost: {exc}"))
             self.pool._next()
 
-    def _answered(self) -> None:
+    def _answered(self, reusable: bool | None = None) -> None:
         request, self.request = self.request, None
+        self.complete = False
         if request is None:
             return
         response = Response(self.status, b"".join(self.body))
-        conn = self.h11
-        reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
-        if reusable:
-            conn.start_next_cycle()
+        self.status = 0
+        if reusable is None:
+            reusable = self.keep_alive
         self.pool._finish(request, response)
         self.pool._released(self, reusable)
 
@@ -237,7 +278,7 @@ class HttpClient:
         self._opening: dict[asyncio.Task[None], _Request] = {}  # connections being opened, for these requests
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._heads: dict[tuple[Target, int], h11.Request] = {}
+        self._heads: dict[tuple[Target, int], bytes] = {}
 
     @property
     def in_flight(self) -> int:
@@ -278,9 +319,9 @@ class HttpClient:
         while self._done:  # every waiter knows before close() returns (no more pacing)
             self._drain()
 
-    def _head(self, request: _Request) -> h11.Request:
-        """The request head for this target and body length: built (and validated by h11) once, then reused;
-        events are immutable, and building one costs more than sending it."""
+    def _head(self, request: _Request) -> bytes:
+        """The request head for this target and body length, built once (the configured headers were validated
+        by h11 at start) and reused."""
         target, length = request.target, len(request.body)
         key = (target, length)
         head = self._heads.get(key)
@@ -288,7 +329,8 @@ class HttpClient:
             if len(self._heads) >= MAX_HEADS:
                 self._heads.clear()
             headers = [(b"Host", target.host_header), *self._headers, (b"Content-Length", str(length).encode())]
-            head = self._heads[key] = h11.Request(method="POST", target=target.path, headers=headers)
+            lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            head = self._heads[key] = b"POST " + target.path + b" HTTP/1.1\r\n" + lines + b"\r\n"
         return head
 
     # -- slots and connections ------------------------------------------------------------
