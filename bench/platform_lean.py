@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from typing import Any
 
 ALLOW_AUTH = json.dumps({"result": "allow", "is_superuser": False, "client_attrs": {"team": ""}}).encode()
@@ -28,12 +29,13 @@ DENY = b'{"result":"deny"}'
 
 
 class Endpoint:
-    __slots__ = ("count", "delay", "in_flight", "jitter", "peak")
+    __slots__ = ("count", "delay", "first", "in_flight", "jitter", "last", "peak")
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.jitter = 0.0  # each answer after delay +- up to jitter seconds (uniform), when set
         self.count = self.in_flight = self.peak = 0
+        self.first = self.last = 0.0  # perf_counter of the first request and of the last answer since the clear
 
 
 class LeanPlatform:
@@ -114,6 +116,8 @@ class _Http(asyncio.Protocol):
             self._write(None, response)
             return
         endpoint.count += 1
+        if not endpoint.first:
+            endpoint.first = time.perf_counter()
         endpoint.in_flight += 1
         endpoint.peak = max(endpoint.peak, endpoint.in_flight)
         delay = endpoint.delay + (random.uniform(-endpoint.jitter, endpoint.jitter) if endpoint.jitter else 0.0)
@@ -125,5 +129,6 @@ class _Http(asyncio.Protocol):
     def _write(self, endpoint: Endpoint | None, response: bytes) -> None:
         if endpoint is not None:
             endpoint.in_flight -= 1
+            endpoint.last = time.perf_counter()
         if self.transport is not None:
             self.transport.write(response)

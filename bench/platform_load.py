@@ -82,6 +82,7 @@ async def _storm_v5(port: int, usernames: list[str], passwords: list[str], go: A
     ]
     writers: list[asyncio.StreamWriter] = []
     done: list[float] = []
+    written: list[float] = []  # when each CONNECT was written
     refused: dict[int, int] = {}
     errors = 0
     result.put("ready")
@@ -95,6 +96,7 @@ async def _storm_v5(port: int, usernames: list[str], passwords: list[str], go: A
             reader, writer = await asyncio.open_connection(HOST, port)
             writers.append(writer)
             writer.write(packet)
+            written.append(time.perf_counter())
             buf = b""
             while True:
                 data = await reader.read(4096)
@@ -117,7 +119,8 @@ async def _storm_v5(port: int, usernames: list[str], passwords: list[str], go: A
 
     await asyncio.gather(*(one(p) for p in packets))
     cpu = _my_cpu() - cpu0
-    result.put({"start": start, "done": done, "refused": refused, "errors": errors, "cpu": cpu})
+    result.put({"start": start, "done": done, "written": written, "refused": refused, "errors": errors,
+                "cpu": cpu})
     while not release.is_set():
         await asyncio.sleep(0.01)
     for w in writers:

@@ -72,7 +72,7 @@ async def _serve(conn: Connection, kind: str, usernames: list[str], password: st
             conn.send(None)
         elif cmd == "stats":
             conn.send({f"{name}_{what}": getattr(ep, what) for name, ep in endpoints.items()
-                       for what in ("count", "peak", "in_flight")})
+                       for what in ("count", "peak", "in_flight", "first", "last") if hasattr(ep, what)})
         elif cmd == "clear":  # the counts, logs and peaks, not the knobs
             for ep in endpoints.values():
                 if kind == "fake":
@@ -81,6 +81,7 @@ async def _serve(conn: Connection, kind: str, usernames: list[str], password: st
                     ep.peers.clear()
                 else:
                     ep.count = 0
+                    ep.first = ep.last = 0.0
                 ep.peak = ep.in_flight
             conn.send(None)
     await platform.stop()
