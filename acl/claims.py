@@ -379,6 +379,14 @@ class ClaimPolicy:
         decide = getattr(self.fallback, "decide", None)
         return bool(await decide(action, topic, retain)) if decide is not None else False
 
+    def decide_soon(self, action: str, topic: str, retain: bool, done: Callable[[bool | None], None]) -> None:
+        """As :meth:`decide`, with a callback (inside this call or later): the fallback's answer."""
+        decide_soon = getattr(self.fallback, "decide_soon", None)
+        if decide_soon is None:
+            done(False)
+            return
+        decide_soon(action, topic, retain, lambda allowed: done(bool(allowed)))
+
     # -- explanations (uncached) ----------------------------------------------------------------------
 
     def _explain(self, outcome: int, rule_id: int, invalid: str) -> ClaimDecision:

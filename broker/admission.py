@@ -19,8 +19,10 @@ error in the auth path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,14 +323,26 @@ class Admission:
             return current
         return policy
 
-    async def decide(self, policy: AccessPolicy | None, check: CheckAccess) -> bool | None:
-        """A CheckAccess of a session: the policy's own asynchronous decision (None: its backend did not
-        answer), or a deny."""
-        decide = getattr(policy, "decide", None)
-        if decide is None:
-            return False
-        allowed = await decide(check.action, check.topic, check.retain)
-        return None if allowed is None else bool(allowed)
+    def decide_soon(self, policy: AccessPolicy | None, check: CheckAccess, done: Callable[[bool | None], None]) -> None:
+        """A CheckAccess of a session: ``done`` gets the policy's own asynchronous decision (None: its backend
+        did not answer), or a deny. Always called later from the event loop, never inside this call (the
+        caller is in the middle of its pump)."""
+        loop = asyncio.get_running_loop()
+        decide_soon = getattr(policy, "decide_soon", None)
+        if decide_soon is None:
+            loop.call_soon(done, False)
+            return
+        inside = True
+
+        def decided(allowed: bool | None) -> None:
+            allowed = None if allowed is None else bool(allowed)
+            if inside:
+                loop.call_soon(done, allowed)
+            else:
+                done(allowed)
+
+        decide_soon(check.action, check.topic, check.retain, decided)
+        inside = False
 
     def _refused(self, peer: str, user: str | None, client: str, reason: str) -> None:
         log_event(

@@ -78,8 +78,8 @@ class ConnectionHost(Protocol):
     def release_team(self, team: str) -> None:
         """Give back the team slot an admitted connection held."""
 
-    def decide_access(self, conn: ClientConnection, check: CheckAccess) -> Awaitable[bool | None]:
-        """Decide what the session's policy did not know yet (the platform); None: it did not answer."""
+    def decide_access(self, conn: ClientConnection, check: CheckAccess, done: Callable[[bool | None], None]) -> None:
+        """Decide what the session's policy did not know (the platform), then call ``done`` from the loop."""
 
     def open_upstream(self, conn: ClientConnection) -> Awaitable[asyncio.Transport]:
         """A transport to the upstream whose protocol feeds ``conn``; raises when none answers."""
@@ -265,7 +265,7 @@ class ClientConnection(asyncio.Protocol):
                 elif isinstance(action, OpenUpstream):
                     self._spawn(self._open_upstream())
                 elif isinstance(action, CheckAccess):
-                    self._spawn(self._check_access(action))
+                    self._check_access(action)
                 elif isinstance(action, Continue):
                     asyncio.get_running_loop().call_soon(self._continue)
                 elif isinstance(action, RateCheck):
@@ -326,12 +326,14 @@ class ClientConnection(asyncio.Protocol):
         self.session.auth_done(result)
         self._pump()
 
-    async def _check_access(self, check: CheckAccess) -> None:
+    def _check_access(self, check: CheckAccess) -> None:
         try:
-            allowed = await self.host.decide_access(self, check)
+            self.host.decide_access(self, check, partial(self._access_decided, check))
         except Exception:  # fail closed: an error in the decision path is a deny (a will's: 0x88)
             log.exception("access decision failed for %s", self.peer)
-            allowed = None
+            asyncio.get_running_loop().call_soon(self._access_decided, check, None)
+
+    def _access_decided(self, check: CheckAccess, allowed: bool | None) -> None:
         if self._closed or self.session is None:
             return
         self.session.access_decided(check, allowed)

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from acl.engine import AclEngine
 from acl.rules import Rule
@@ -428,8 +429,8 @@ class FrontBroker:
     def release_team(self, team: str) -> None:
         self.admission.release_team(team)
 
-    async def decide_access(self, conn: ClientConnection, check: CheckAccess) -> bool | None:
-        return await self.admission.decide(conn.session.policy if conn.session else None, check)
+    def decide_access(self, conn: ClientConnection, check: CheckAccess, done: Callable[[bool | None], None]) -> None:
+        self.admission.decide_soon(conn.session.policy if conn.session else None, check, done)
 
     async def open_upstream(self, conn: ClientConnection) -> asyncio.Transport:
         return await self.upstream.connect(conn)

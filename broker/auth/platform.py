@@ -317,6 +317,14 @@ class PlatformClient:
     async def answer(self, username: str | None, client_id: str, action: str, topic: str) -> str:
         """As :meth:`check`, but the outcome itself: ``allow``, ``deny``, ``error`` or ``timeout`` (a caller that
         must tell a refusal from a platform that did not answer, such as the periodic re-check)."""
+        answer = self.answer_soon(username, client_id, action, topic)
+        if isinstance(answer, str):
+            return answer
+        return await asyncio.shield(answer)  # a caller cancelled leaves the shared answer to the others
+
+    def answer_soon(self, username: str | None, client_id: str, action: str, topic: str) -> str | asyncio.Future[str]:
+        """As :meth:`answer` without a coroutine: the cached outcome, or the future of the request every waiter
+        of this key shares (never cancel it; add a done callback). A cold delivery check takes this path."""
         key = self._key(username, client_id, action, topic)
         stats = self.stats
         decision = self._lookup(key)
@@ -329,7 +337,7 @@ class PlatformClient:
             shared = self._ask(key, username, client_id, action, topic)
         else:
             stats.coalesced += 1
-        return await asyncio.shield(shared)  # a caller cancelled leaves the shared answer to the others
+        return shared
 
     def forget(self, username: str) -> None:
         """Drop every cached decision of this identity; a request in flight for it is answered but not cached."""
@@ -375,9 +383,7 @@ class PlatformClient:
             if not keys:
                 del self._by_user[key[0]]
 
-    def _ask(
-        self, key: CacheKey, username: str | None, client_id: str, action: str, topic: str
-    ) -> asyncio.Future[str]:
+    def _ask(self, key: CacheKey, username: str | None, client_id: str, action: str, topic: str) -> asyncio.Future[str]:
         """Send the ACL request for ``key``; the future every waiter of this key shares. Callbacks, no task:
         a cold delivery check is on the hot path of a busy subscriber."""
         shared: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -418,8 +424,9 @@ class PlatformClient:
             self._failed(kind, "error", "not started" if client is None else f"no {kind}_url")
         else:
             posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"))
+            # A cancelled login cancels only this future: the client still finishes (and times) the request.
             with contextlib.suppress(Exception):
-                await asyncio.shield(posted)  # a cancelled login leaves the request to finish (and be counted)
+                await posted
             answer = self._outcome(kind, posted) if posted.done() else _Answer("error")
         self.stats.requests[(kind, answer.result)] += 1
         return answer

@@ -2,7 +2,7 @@
 
 The session's checks are synchronous: :class:`PlatformPolicy` answers them from the platform
 client's cache and says None when it does not know; the session then holds the packet and the
-I/O layer calls :meth:`PlatformPolicy.decide`, which asks the platform (coalesced, bounded,
+I/O layer calls :meth:`PlatformPolicy.decide_soon`, which asks the platform (coalesced, bounded,
 cached, fail closed). Topics are the client-visible ones; a mounted session's rules are relative
 to its mountpoint, as FlowFuse's are.
 
@@ -13,9 +13,14 @@ gave expires, and :meth:`PlatformPolicy.fast_paths_expired` tells the session to
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+Decided = Callable[[bool | None], None]
+"""Called with an access decision: True, False, or None when the backend did not answer."""
 
 
 class PlatformAcl(Protocol):
@@ -24,6 +29,9 @@ class PlatformAcl(Protocol):
     def cached(self, username: str | None, client_id: str, action: str, topic: str) -> bool | None: ...
     async def check(self, username: str | None, client_id: str, action: str, topic: str) -> bool: ...
     async def answer(self, username: str | None, client_id: str, action: str, topic: str) -> str: ...
+    def answer_soon(
+        self, username: str | None, client_id: str, action: str, topic: str
+    ) -> str | asyncio.Future[str]: ...
     def expires(self, username: str | None, client_id: str, action: str, topic: str) -> float: ...
     def now(self) -> float: ...
 
@@ -95,7 +103,31 @@ class PlatformPolicy:
         if self._superuser:
             return True
         action = _ACTIONS.get(action, action)
-        answer = await self._client.answer(self._username, self._client_id, action, topic)
+        return self._decided(action, topic, await self._client.answer(self._username, self._client_id, action, topic))
+
+    def decide_soon(self, action: str, topic: str, retain: bool, done: Decided) -> None:
+        """As :meth:`decide`, with a callback instead of a coroutine (no task, no shield per cold delivery).
+        ``done`` is called inside this call when the answer is known (cached), else from the event loop."""
+        if self._superuser:
+            done(True)
+            return
+        action = _ACTIONS.get(action, action)
+        answer = self._client.answer_soon(self._username, self._client_id, action, topic)
+        if isinstance(answer, str):
+            done(self._decided(action, topic, answer))
+            return
+
+        def answered(shared: asyncio.Future[str]) -> None:
+            outcome = None if shared.cancelled() or shared.exception() is not None else shared.result()
+            try:
+                decision = self._decided(action, topic, outcome)
+            except Exception:  # fail closed, and the held packet is still answered
+                decision = None
+            done(decision)
+
+        answer.add_done_callback(answered)
+
+    def _decided(self, action: str, topic: str, answer: str | None) -> bool | None:
         if answer == "allow" and action in ("publish", "deliver"):
             self._allowed(action, topic)
         return True if answer == "allow" else False if answer == "deny" else None
