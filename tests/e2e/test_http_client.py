@@ -493,6 +493,24 @@ def test_target_parse_refuses_non_http_urls(url: str) -> None:
         Target.parse(url)
 
 
+@pytest.mark.parametrize("url", ["http://h/a b", "http://h/a\x00b", "http://h/a\x7f", "http://h/?q=a b"])
+def test_target_parse_refuses_what_would_break_the_request_line(url: str) -> None:
+    """The request line is written as bytes, not by an HTTP library: a space or a control character in the
+    path would split it (a second request smuggled into the first)."""
+    with pytest.raises(ValueError, match="spaces or control"):
+        Target.parse(url)
+
+
+async def test_a_second_answer_in_the_same_read_is_not_taken_for_the_next_request(env: Env) -> None:
+    """Two answers in one segment to one request: the first is the answer, the connection is then not trusted
+    (closed), and the next request opens a new one and gets its own answer."""
+    srv = await env.server(reply(ok(b"first") + ok(b"second")))
+    client, _ = env.client()
+    assert await client.post(srv.target(), b"x") == Response(200, b"first")
+    assert await client.post(srv.target(), b"y") == Response(200, b"first")
+    assert srv.accepts == 2
+
+
 def test_invalid_configured_header_is_refused() -> None:
     with pytest.raises(ValueError, match="invalid header"):
         HttpClient(max_in_flight=1, timeout=1, ssl_context=None, headers=[("Bad Name", "v")], meter=Meter())
