@@ -40,6 +40,12 @@ KEEPALIVE_EXPIRY: Final = 4.0
 # Answers handed to their waiters per loop turn (each costs its waiter's continuation, ~0.1 ms).
 PACE: Final = 4
 MAX_BODY: Final = 64 * 1024  # an authn/authz answer is a few dozen bytes
+# Bytes read for one answer, whatever they are (head, 1xx answers, chunk headers, trailers): a platform that
+# sends without end is cut off here, not by the timeout.
+MAX_ANSWER: Final = 2 * MAX_BODY
+# Headers the client frames itself: configured ones would contradict it (two lengths, a body read as chunks).
+FRAMING_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te",
+                                    "trailer", "keep-alive", "expect"})
 MAX_HEADS: Final = 512  # request heads kept (one per target and body length)
 
 
@@ -120,6 +126,7 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.size = 0  # bytes of the current answer's body
         self.head_size = 0  # bytes read of the current answer's head (it must end within MAX_BODY)
+        self.read = 0  # bytes read since the request was sent (at most MAX_ANSWER)
         self.in_head = False  # the current answer's head has begun and not ended
         self.framed = False  # the answer says where its body ends (Content-Length or chunked)
         self.complete = False  # a final answer was read whole
@@ -135,7 +142,7 @@ class _Connection(asyncio.Protocol):
     def send(self, request: _Request) -> None:
         assert self.transport is not None
         self.request = request
-        self.status, self.body, self.size, self.complete, self.extra = 0, [], 0, False, False
+        self.status, self.body, self.size, self.complete, self.extra, self.read = 0, [], 0, False, False, 0
         self.transport.write(self.pool._head(request) + request.body)
 
     # -- httptools callbacks: record only ------------------------------------------------------
@@ -172,7 +179,8 @@ class _Connection(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if not self.extra and not 100 <= self.status < 200:  # an informational answer (1xx) precedes the final one
+        # (an informational answer, 1xx, precedes the final one; an answer already found wrong is not complete)
+        if not self.extra and self.error is None and not 100 <= self.status < 200:
             self.complete = True
             self.keep_alive = self.parser.should_keep_alive()  # (read here: the parser resets after this call)
 
@@ -189,6 +197,11 @@ class _Connection(asyncio.Protocol):
         if self.lost:
             return
         if data:
+            self.read += len(data)
+            if self.read > MAX_ANSWER and not self.complete:
+                self.error = self.error or f"answer larger than {MAX_ANSWER} bytes"
+                data = b""  # not parsed: a trailer or a chunk header without end costs the parser per byte
+        if data:
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
@@ -199,8 +212,10 @@ class _Connection(asyncio.Protocol):
                 self.head_size += len(data)
                 if self.head_size > MAX_BODY and self.error is None:
                     self.error = f"answer head larger than {MAX_BODY} bytes"
-        if self.error is None and self.complete:
-            self._answered(reusable=False if self.extra else None)
+        if self.complete:
+            # What follows a complete answer (a stray one, or bytes the parser refuses) is not taken for the
+            # next request's answer: the connection is closed.
+            self._answered(reusable=False if self.extra or self.error is not None else None)
         elif self.error is None and eof and self.request is not None and self.status >= 200 and not self.in_head:
             if self.framed or self.status in (204, 304):
                 self.error = "connection lost"
@@ -264,6 +279,9 @@ class HttpClient:
         self._timeout = timeout
         self._ssl = ssl_context
         self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        framing = sorted({k for k, _ in headers if k.lower() in FRAMING_HEADERS})
+        if framing:
+            raise ValueError(f"invalid header: {', '.join(framing)} is set by the client itself")
         try:  # refuse a header h11 would refuse at the first request
             probe = h11.Request(method="POST", target="/", headers=[(b"Host", b"h"), *self._headers])
             h11.Connection(h11.CLIENT).send(probe)
@@ -394,9 +412,13 @@ class HttpClient:
     def _next(self) -> None:
         while self._queue:
             request = self._queue.popleft()
-            if not request.finished:
-                self._start(request)
-                return
+            if request.finished:
+                continue
+            if request.future.done():  # its caller left while it waited (a login cancelled): never sent
+                self._finish(request, HttpError("caller gone"))
+                continue
+            self._start(request)
+            return
         self._busy -= 1
         self._meter.in_flight -= 1
 

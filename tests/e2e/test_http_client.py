@@ -368,8 +368,14 @@ async def test_connection_refused_fails_fast_and_frees_its_slot(env: Env) -> Non
         (ok(b"b" * (MAX_BODY + 1)), True),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"8000\r\n" + b"c" * 0x8000 + b"\r\n") * 3, True),
         (b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * (MAX_BODY + 1), True),  # a head that never ends
+        # Bytes that are neither head nor body: a trailer, a chunk extension, 1xx bodies without end.
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: " + b"t" * (4 * MAX_BODY), True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;" + b"e" * (4 * MAX_BODY), True),
+        (b"HTTP/1.1 150 Odd\r\nTransfer-Encoding: chunked\r\n\r\n8000\r\n" + b"i" * (4 * MAX_BODY), True),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * (MAX_BODY // 8), True),
     ],
-    ids=["closed-mid-body", "closed-mid-head", "garbage", "bad-status", "bad-chunk", "large", "large-chunked", "head"],
+    ids=["closed-mid-body", "closed-mid-head", "garbage", "bad-status", "bad-chunk", "large", "large-chunked", "head",
+         "trailer-flood", "extension-flood", "1xx-body-flood", "1xx-flood"],
 )
 async def test_bad_answers_fail_with_http_error(env: Env, answer: bytes, keep: bool) -> None:
     bad = await env.server(reply(answer, keep))
@@ -511,6 +517,42 @@ async def test_a_second_answer_in_the_same_read_is_not_taken_for_the_next_reques
     assert srv.accepts == 2
 
 
-def test_invalid_configured_header_is_refused() -> None:
+@pytest.mark.parametrize(
+    "header",
+    [("Bad Name", "v"), ("X-Key", "a\r\nInjected: 1"), ("Content-Length", "5"), ("transfer-encoding", "chunked"),
+     ("Connection", "upgrade"), ("Host", "other"), ("Upgrade", "websocket"), ("TE", "trailers"),
+     ("Expect", "100-continue")],
+)
+def test_invalid_configured_header_is_refused(header: tuple[str, str]) -> None:
+    """Headers the client frames itself would contradict it (two lengths, a body read as chunks): refused at start."""
     with pytest.raises(ValueError, match="invalid header"):
-        HttpClient(max_in_flight=1, timeout=1, ssl_context=None, headers=[("Bad Name", "v")], meter=Meter())
+        HttpClient(max_in_flight=1, timeout=1, ssl_context=None, headers=[header], meter=Meter())
+
+
+@pytest.mark.parametrize("after", [b"junk\r\n", b"\x00\x01"], ids=["junk", "binary"])
+async def test_bytes_refused_after_a_complete_answer_do_not_lose_it(env: Env, after: bytes) -> None:
+    """A complete answer followed in the same read by bytes the parser refuses: the answer counts (as with h11),
+    the connection is closed, the next request opens a new one."""
+    srv = await env.server(reply(ok(b"fine") + after))
+    client, _ = env.client()
+    assert await client.post(srv.target(), b"x") == Response(200, b"fine")
+    assert await client.post(srv.target(), b"y") == Response(200, b"fine")
+    assert srv.accepts == 2
+
+
+async def test_a_request_whose_caller_left_while_queued_is_never_sent(env: Env) -> None:
+    """A login cancelled while it waits for a slot must not spend its one-time credential on the platform."""
+    srv = await env.server(hold)
+    client, _ = env.client(max_in_flight=1)
+    first = client.post(srv.target(), b"first")
+    gone = client.post(srv.target(), b"one-time")
+    third = client.post(srv.target(), b"third")
+    (_seen, gate, _writer), = await held(srv, 1)
+    gone.cancel()
+    gate.set_result(ok(b"1"))
+    assert await first == Response(200, b"1")
+    (_seen3, gate3, _w3), = await held(srv, 1)
+    gate3.set_result(ok(b"3"))
+    assert await third == Response(200, b"3")
+    assert [s.body for s in srv.seen] == [b"first", b"third"]
+    assert client.in_flight == 0
