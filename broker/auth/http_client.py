@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 import h11
 import httptools
 
+from broker.config import FRAMING_HEADERS
+
 # Below Node.js's default server keepAliveTimeout (5 s): a pooled connection is dropped before the platform
 # closes it, so a request is never written into a connection the server is closing.
 KEEPALIVE_EXPIRY: Final = 4.0
@@ -43,9 +45,6 @@ MAX_BODY: Final = 64 * 1024  # an authn/authz answer is a few dozen bytes
 # Bytes read for one answer, whatever they are (head, 1xx answers, chunk headers, trailers): a platform that
 # sends without end is cut off here, not by the timeout.
 MAX_ANSWER: Final = 2 * MAX_BODY
-# Headers the client frames itself: configured ones would contradict it (two lengths, a body read as chunks).
-FRAMING_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te",
-                                    "trailer", "keep-alive", "expect"})
 MAX_HEADS: Final = 512  # request heads kept (one per target and body length)
 
 

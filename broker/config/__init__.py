@@ -171,6 +171,20 @@ def _http_url(value: str) -> str:
     return value
 
 
+# Request headers the platform client frames itself (broker.auth.http_client): configured ones would
+# contradict it (two lengths, a body read as chunks), so auth.http.headers refuses them.
+FRAMING_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive", "expect"}
+)
+
+
+def _no_framing_headers(headers: dict[str, str]) -> dict[str, str]:
+    framing = sorted(name for name in headers if name.lower() in FRAMING_HEADERS)
+    if framing:
+        raise ValueError(f"{', '.join(framing)}: set by the platform client itself, not configurable")
+    return headers
+
+
 class HttpAuthConfig(_Model):
     """The platform decides (``auth.http``): EMQX 5's HTTP authn/authz protocol, or mosquitto-go-auth's."""
 
@@ -182,7 +196,7 @@ class HttpAuthConfig(_Model):
     negative_cache_ttl: float = Field(default=5.0, ge=0)  # seconds a deny is reused
     max_concurrency: int = Field(default=64, ge=1)  # requests in flight to the platform
     # Header values: a literal, or "file:/path" (the file's first line) or "env:NAME" (resolved at start).
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Annotated[dict[str, str], AfterValidator(_no_framing_headers)] = Field(default_factory=dict)
     ca_file: Path | None = None  # verify an https:// platform against this CA bundle (default: the system's)
     honor_superuser: bool = False  # emqx: is_superuser true skips ACL calls
     team_attr: str = "team"  # emqx: the client_attrs key holding the session's mountpoint

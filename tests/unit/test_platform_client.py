@@ -50,6 +50,16 @@ def test_header_from_an_empty_file_or_with_a_line_break(tmp_path: Path, monkeypa
         resolve_headers({"X": "env:FF_BROKEN"})
 
 
+@pytest.mark.parametrize("name", ["Host", "content-length", "Transfer-Encoding", "Connection", "Keep-Alive", "TE",
+                                  "Upgrade", "Trailer", "Expect"])
+def test_headers_the_client_frames_are_refused_in_the_configuration(name: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set by the platform client itself"):
+        HttpAuthConfig(auth_url="http://forge/auth", headers={name: "x", "Authorization": "Bearer t"})
+    assert HttpAuthConfig(auth_url="http://forge/auth", headers={"Authorization": "Bearer t"}).headers
+
+
 def test_redact_url() -> None:
     assert redact_url("https://svc:pw@forge:3000/api/comms/v2/auth?token=x#f") == "https://***@forge:3000/api/comms/v2/auth"
     assert redact_url("http://forge:3000/api/comms/v2/acls") == "http://forge:3000/api/comms/v2/acls"
