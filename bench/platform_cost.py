@@ -19,7 +19,8 @@ Three measurements, each against its bound or baseline in the same run, every on
    subscribers receive messages on fresh topics, each delivery needing a platform check answered after
    20 ms; p50/p99 with no load, with 1 such subscriber, 8, and 64 (the max_concurrency ceiling), and
    the delayed subscribers' throughput. The fresh-topic messages are published straight into Mosquitto,
-   so only the deliveries are cold.
+   so only the deliveries are cold. A control runs the round trips straight into Mosquitto while the 64
+   subscribers load the front: what the shared cores alone add to a round trip.
 
 The fake platform (``tests.support.platform.FakePlatform``) and every load generator run in processes of
 their own; nothing here runs when other tests or benchmarks share the machine (check ``pgrep -fa
@@ -426,6 +427,9 @@ def run_cold(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, duration: f
         ("through mqtt-front, 1 cold subscriber", front_target, 1),
         ("through mqtt-front, 8 cold subscribers", front_target, 8),
         ("through mqtt-front, 64 cold subscribers", front_target, 64),
+        # The control: the same load on the front, the round trips straight into Mosquitto. What the machine's
+        # two cores shared by every process cost the round trip, without the front on its path.
+        ("direct Mosquitto, 64 cold subscribers on the front", Target(mosq_port), 64),
     ]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     per_sub = 500  # at 20 ms per check in order: >= 10 s of cold deliveries, longer than the window
