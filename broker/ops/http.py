@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -18,6 +19,7 @@ from typing import Protocol
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from broker.mqtt.packets import Connect, encode_connect
 from broker.ops.metrics import upstream_name
 from broker.upstream.connector import UpstreamConnector
 from broker.upstream.targets import UpstreamTarget
@@ -94,14 +96,45 @@ class Readiness:
         return True, None
 
     async def _probe_any(self, targets: Sequence[UpstreamTarget]) -> str | None:
-        """None when one of the upstreams accepts a TCP connection, else every reason."""
+        """None when one of the upstreams accepts a TCP connection (answers a CONNECT, if it is known to
+        hang), else every reason."""
         reasons = []
         for target in targets:
-            error = await self._probe(target.host, target.port)
+            error = await (self._probe_connect(target) if target.silent else self._probe(target.host, target.port))
             if error is None:
                 return None
             reasons.append(f"{upstream_name(target)}: {error}")
         return "; ".join(reasons)
+
+    async def _probe_connect(self, target: UpstreamTarget) -> str | None:
+        """A node that accepted connections but never answered CONNECT (hung): a TCP connect proves nothing, and
+        no client may come to find out while /readyz says 503. Ask it with a CONNECT of our own (no credentials,
+        an id of its own: any CONNACK, even "not authorized", shows the broker answers)."""
+        upstream = self.front.upstream
+        context = upstream.context if target.tls else None
+        hostname = target.server_hostname if target.tls else None
+        connect = encode_connect(Connect(level=4, clean_start=True, keepalive=0,
+                                         client_id=f"mqtt-front-readyz-{os.getpid()}-{os.urandom(4).hex()}"))
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                reader, writer = await asyncio.open_connection(
+                    target.host, target.port, ssl=context, server_hostname=hostname
+                )
+                try:
+                    writer.write(connect)
+                    answered = await reader.read(1)
+                    if answered:
+                        writer.write(b"\xe0\x00")  # DISCONNECT, in case the CONNECT was accepted
+                finally:
+                    writer.close()
+        except TimeoutError:
+            return f"accepts connections but did not answer CONNECT within {PROBE_TIMEOUT:g}s"
+        except OSError as exc:
+            return exc.strerror or type(exc).__name__
+        if not answered:
+            return "closed the connection without answering CONNECT"
+        upstream.answered(target)  # it works again: clients may use it
+        return None
 
     async def _probe(self, host: str, port: int) -> str | None:
         try:

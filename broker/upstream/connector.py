@@ -151,8 +151,7 @@ class UpstreamConnector:
             if target.silent:  # a hung node accepts connections: this one is its probe until it answers
                 target.probing = True
             else:
-                target.last_ok = now
-            self.last_ok = now
+                target.last_ok = self.last_ok = now  # (a connect to a hung node proves nothing: /readyz)
             target.last_latency = now - started
             if self.on_connect is not None:
                 self.on_connect(target, now - started)
@@ -247,7 +246,7 @@ class UpstreamConnector:
         """The first byte from the upstream on a connection: a node marked hung works again."""
         if target.silent:
             target.silent = target.probing = False
-            target.last_ok = time.monotonic()
+            target.last_ok = self.last_ok = time.monotonic()
 
     def closed(self, target: UpstreamTarget, silent_for: float | None = None) -> None:
         target.open -= 1

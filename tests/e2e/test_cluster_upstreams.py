@@ -370,6 +370,53 @@ async def hung_node() -> AsyncIterator[str]:
 
 
 @pytest.mark.parametrize("v5", VERSIONS)
+async def test_readyz_asks_a_hung_node_with_a_connect_of_its_own(
+    start_front: FrontStarter, nodes: list[Mosquitto], v5: bool
+) -> None:
+    """The only node accepts TCP but never answers CONNECT: once a client has waited out the CONNACK timeout,
+    /readyz is 503 (a TCP probe would say ready), and it finds out by itself, with no client, when the node
+    answers again: a balancer sends no client to a replica that says 503, so no client could tell it."""
+    answering = asyncio.Event()
+    connects: list[bytes] = []
+    held: list[asyncio.StreamWriter] = []
+
+    async def node(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(ConnectionError):
+            first = await reader.read(1024)
+            if answering.is_set():
+                connects.append(first)
+                writer.write(b"\x20\x02\x00\x05")  # CONNACK "not authorized": the broker answers
+                await writer.drain()
+            await reader.read()
+
+    server = await asyncio.start_server(node, "127.0.0.1", 0)
+    url = f"mqtt://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        front = await start_front(urls=[url])
+        front.readiness.probe_interval = 0.05
+        assert (await get_json(front, "/readyz"))[0] == 200  # it accepts TCP: nothing known yet
+        client, code, _ = await RawClient.open(front_port(front), "project:team1:p1", v5=v5,
+                                               client_id=f"project:team1:p1:{uid()}")
+        assert code == (0x88 if v5 else 0x03)
+        await client.close()
+        assert front.upstream.targets[0].silent
+        code, body = await get_json(front, "/readyz")
+        assert code == 503 and "did not answer CONNECT" in body["reason"], body
+        answering.set()
+        await asyncio.sleep(0.1)
+        code, body = await get_json(front, "/readyz")
+        assert code == 200, body
+        assert not front.upstream.targets[0].silent
+        assert connects and connects[-1][0] == 0x10 and b"mqtt-front-readyz-" in connects[-1]
+        assert b"project:team1" not in connects[-1]  # its own CONNECT, no client's credentials
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
 async def test_a_node_that_never_answers_connect_counts_as_failed(
     start_front: FrontStarter, nodes: list[Mosquitto], hung_node: str, v5: bool
 ) -> None:
