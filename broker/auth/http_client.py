@@ -11,9 +11,10 @@ Python and cost 44 µs per request and answer, httptools (llhttp, the parser of 
 and a login storm is CPU-bound on that loop. Nothing about HTTP is hand-parsed.
 
 Answers are *paced*: an answer is parsed as it arrives (its slot goes to the next request at once),
-but at most ``PACE`` waiters are woken per turn of the event loop, so a platform answering many
-requests at the same instant (they were sent together) cannot hold the loop for a burst of the
-waiters' continuations while other clients' packets wait; the loop polls its sockets between two.
+but waiters worth at most ``PACE`` cost units are woken per turn of the event loop (four logins, or one
+held delivery), so a platform answering many requests at the same instant (they were sent together)
+cannot hold the loop for a burst of the waiters' continuations while other clients' packets wait; the
+loop polls its sockets between two.
 
 Owns: connections per origin (scheme, host, port), the bound on requests in flight shared by all
 origins (waiters queue in order), the per-request timeout (waiting for a free slot included), the
@@ -39,7 +40,9 @@ from broker.config import FRAMING_HEADERS
 # Below Node.js's default server keepAliveTimeout (5 s): a pooled connection is dropped before the platform
 # closes it, so a request is never written into a connection the server is closing.
 KEEPALIVE_EXPIRY: Final = 4.0
-# Answers handed to their waiters per loop turn (each costs its waiter's continuation, ~0.1 ms).
+# Answers handed to their waiters per loop turn, in cost units: a request's ``cost`` says what its waiter's
+# continuation costs (a login's: 1, about 0.1 ms; an ACL check that resumes a held delivery: PACE, a turn of
+# its own, since its continuation writes the delivery and sends the next check while other sessions wait).
 PACE: Final = 4
 MAX_BODY: Final = 64 * 1024  # an authn/authz answer is a few dozen bytes
 # Bytes read for one answer, whatever they are (head, 1xx answers, chunk headers, trailers): a platform that
@@ -98,12 +101,13 @@ class Target:
 
 
 class _Request:
-    __slots__ = ("body", "finished", "future", "sent_at", "target", "timer")
+    __slots__ = ("body", "cost", "finished", "future", "sent_at", "target", "timer")
 
-    def __init__(self, target: Target, body: bytes, future: asyncio.Future[Response]) -> None:
+    def __init__(self, target: Target, body: bytes, future: asyncio.Future[Response], cost: int) -> None:
         self.target = target
         self.body = body
         self.future = future
+        self.cost = cost  # of its waiter's continuation, in PACE units
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0  # loop time it got its slot (0: still waiting for one)
         self.finished = False  # its outcome is decided
@@ -290,7 +294,8 @@ class HttpClient:
         self._queue: deque[_Request] = deque()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._sent: dict[_Request, _Connection] = {}
-        self._done: deque[tuple[asyncio.Future[Response], Response | Exception]] = deque()  # waiters to wake
+        # Waiters to wake, with their cost.
+        self._done: deque[tuple[asyncio.Future[Response], Response | Exception, int]] = deque()
         self._draining = False
         self._opening: dict[asyncio.Task[None], _Request] = {}  # connections being opened, for these requests
         self._closed = False
@@ -301,14 +306,15 @@ class HttpClient:
     def in_flight(self) -> int:
         return self._busy
 
-    def post(self, target: Target, body: bytes) -> asyncio.Future[Response]:
+    def post(self, target: Target, body: bytes, cost: int = 1) -> asyncio.Future[Response]:
+        """``cost``: of the waiter's continuation, in PACE units (PACE: a loop turn of its own)."""
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         future: asyncio.Future[Response] = loop.create_future()
         if self._closed:
             future.set_exception(HttpError("client closed"))
             return future
-        request = _Request(target, body, future)
+        request = _Request(target, body, future, cost)
         request.timer = loop.call_at(loop.time() + self._timeout, self._expired, request)
         if self._busy < self._max:
             self._busy += 1
@@ -452,18 +458,25 @@ class HttpClient:
         request.finished = True
         if request.sent_at and self._loop is not None:
             self._meter.observe(self._loop.time() - request.sent_at)
-        self._done.append((request.future, outcome))
+        self._done.append((request.future, outcome, request.cost))
         if not self._draining and self._loop is not None:
             self._draining = True
             self._loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        """Wake at most PACE waiters per loop turn: each one's continuation is the costly part."""
+        """Wake waiters worth at most PACE cost units per loop turn (at least one): each one's continuation is
+        the costly part."""
         done = self._done
-        for _ in range(min(PACE, len(done))):
-            future, outcome = done.popleft()
+        budget = PACE
+        while done and budget > 0:
+            future, outcome, cost = done[0]
             if future.done():  # a caller that gave up cancelled it
+                done.popleft()
                 continue
+            if cost > budget and budget < PACE:  # the rest of this turn is too small for it: the next one
+                break
+            done.popleft()
+            budget -= cost
             if isinstance(outcome, Exception):
                 future.set_exception(outcome)
             else:

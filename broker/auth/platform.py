@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker import __version__
-from broker.auth.http_client import HttpClient, HttpError, Response, SlotTimeout, Target
+from broker.auth.http_client import PACE, HttpClient, HttpError, Response, SlotTimeout, Target
 from broker.config import ConfigError, HttpAuthConfig
 from broker.config import redact_url as _redact_url
 from broker.logs import log_event
@@ -398,7 +398,8 @@ class PlatformClient:
             self._failed("acl", "error", "not started" if client is None else "no acl_url")
             self._acl_answered(key, shared, _Answer("error"))
             return shared
-        posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"))
+        # Its waiters resume held deliveries (a write each, then the next check): a loop turn of their own.
+        posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"), cost=PACE)
         posted.add_done_callback(lambda done: self._acl_answered(key, shared, self._outcome("acl", done)))
         return shared
 
