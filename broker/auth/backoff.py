@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from acl.cache import oldest
+
 PAIR_FREE: Final = 5  # failures before any back-off (a user mistyping a password is not slowed)
 USER_FREE: Final = 20
 SOURCE_FREE: Final = 100
@@ -72,9 +74,11 @@ def _blocked(table: dict[str, tuple[int, float, float]], key: str, now: float) -
 def _fail(table: dict[str, tuple[int, float, float]], key: str, now: float, free: int) -> None:
     entry = table.pop(key, None)  # re-inserted last: the table stays ordered by last failure
     failures = 1 if entry is None or now - entry[2] > FORGET else entry[0] + 1
-    until = now + min(LONGEST, FIRST * 2 ** (failures - free)) if failures >= free else 0.0
+    # (the exponent capped: a key failing thousands of times must not overflow the float)
+    until = now + min(LONGEST, FIRST * 2 ** min(failures - free, 32)) if failures >= free else 0.0
     if len(table) >= MAX_KEYS:
-        del table[next(iter(table))]
+        for old in oldest(table, max(1, MAX_KEYS // 16)):
+            del table[old]
     table[key] = (failures, until, now)
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from acl.cache import oldest
 from broker import __version__
 from broker.auth.http_client import PACE, HttpClient, HttpError, Response, SlotTimeout, Target
 from broker.config import ConfigError, HttpAuthConfig
@@ -371,7 +372,8 @@ class PlatformClient:
         if key in cache:
             self._drop(key)
         elif len(cache) >= self._max_entries:
-            self._drop(next(iter(cache)))
+            for old in oldest(cache, max(1, self._max_entries // 16)):
+                self._drop(old)
         cache[key] = (self._clock() + ttl, decision)
         self._by_user.setdefault(key[0], set()).add(key)
 

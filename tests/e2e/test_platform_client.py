@@ -364,6 +364,20 @@ async def test_cache_is_bounded(platform: FakePlatform) -> None:
         await client.close()
 
 
+async def test_a_full_cache_evicts_its_oldest_sixteenth_at_once(platform: FakePlatform) -> None:
+    platform.add(PROJECT)
+    client = PlatformClient(HttpAuthConfig.model_validate(platform.emqx_config()), max_cache_entries=64)
+    await client.start()
+    try:
+        for i in range(200):
+            await client.check(PROJECT, "c", "publish", f"ff/v1/team1/c/{i}")
+        assert 64 - 4 <= client.cache_size() <= 64
+        assert all(client.cached(PROJECT, "c", "publish", f"ff/v1/team1/c/{i}") for i in range(140, 200))
+        assert client.cached(PROJECT, "c", "publish", "ff/v1/team1/c/0") is None
+    finally:
+        await client.close()
+
+
 async def test_forget_drops_one_identity(platform: FakePlatform, make_client: Make) -> None:
     platform.add(PROJECT)
     platform.add("project:team1:p2")
