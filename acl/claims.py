@@ -374,13 +374,9 @@ class ClaimPolicy:
         expired: Callable[[], bool] | None = getattr(self.fallback, "fast_paths_expired", None)
         return expired
 
-    async def decide(self, action: str, topic: str, retain: bool = False) -> bool:
-        """Asked only after a check answered None: no claim matched and the fallback must ask (the platform)."""
-        decide = getattr(self.fallback, "decide", None)
-        return bool(await decide(action, topic, retain)) if decide is not None else False
-
     def decide_soon(self, action: str, topic: str, retain: bool, done: Callable[[bool | None], None]) -> None:
-        """As :meth:`decide`, with a callback (inside this call or later): the fallback's answer."""
+        """Asked only after a check answered None: no claim matched and the fallback must ask (the platform).
+        ``done`` gets its answer (inside this call or later), a deny when it has no way to ask."""
         decide_soon = getattr(self.fallback, "decide_soon", None)
         if decide_soon is None:
             done(False)

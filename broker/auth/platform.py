@@ -427,7 +427,8 @@ class PlatformClient:
             self._failed(kind, "error", "not started" if client is None else f"no {kind}_url")
         else:
             posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"))
-            # A cancelled login cancels only this future: the client still finishes (and times) the request.
+            # A cancelled login cancels only this future: sent, the request still finishes (and is timed);
+            # still waiting for a slot, it is never sent (HttpClient._next).
             with contextlib.suppress(Exception):
                 await posted
             answer = self._outcome(kind, posted) if posted.done() else _Answer("error")

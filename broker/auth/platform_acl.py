@@ -97,17 +97,11 @@ class PlatformPolicy:
             self._allowed("deliver", topic)
         return decision
 
-    async def decide(self, action: str, topic: str, retain: bool = False) -> bool | None:
-        """Ask the platform (the session asked with CheckAccess); None when it did not answer (an error or
-        a timeout: the session refuses, and can say the platform was unavailable)."""
-        if self._superuser:
-            return True
-        action = _ACTIONS.get(action, action)
-        return self._decided(action, topic, await self._client.answer(self._username, self._client_id, action, topic))
-
     def decide_soon(self, action: str, topic: str, retain: bool, done: Decided) -> None:
-        """As :meth:`decide`, with a callback instead of a coroutine (no task, no shield per cold delivery).
-        ``done`` is called inside this call when the answer is known (cached), else from the event loop."""
+        """Ask the platform (the session asked with CheckAccess); ``done`` gets True, False, or None when it did not
+        answer (an error or a timeout: the session refuses, and can say the platform was unavailable). A callback,
+        not a coroutine: no task and no shield per cold delivery. Called inside this call when the answer is
+        known (cached), else from the event loop."""
         if self._superuser:
             done(True)
             return
