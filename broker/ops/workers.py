@@ -7,6 +7,7 @@ new connections over them. The parent only starts, watches and stops them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -44,6 +45,7 @@ BACKOFF_MAX = 5.0
 COULD_NOT_START = 78
 # On SIGTERM each worker drains within limits.shutdown_timeout; one still alive this long after it is killed.
 KILL_MARGIN = 5.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ParentStats:
@@ -86,7 +88,7 @@ def run_workers(
                 os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
     def spawn(index: int) -> BaseProcess:
-        child = ctx.Process(target=_child, args=(target, index), name=f"mqtt-front-worker-{index}")
+        child = ctx.Process(target=_child, args=(target, index, os.getpid()), name=f"mqtt-front-worker-{index}")
         child.start()
         return child
 
@@ -143,6 +145,9 @@ def run_workers(
                 procs[index] = spawn(index)
                 PARENT.restarts += 1
                 log.info("worker %s restarted: pid %s", procs[index].name, procs[index].pid)
+                if stopping and procs[index].pid is not None:
+                    # The stop came while it was being forked: forward() could not see it yet.
+                    os.kill(procs[index].pid, signal.SIGTERM)
         time.sleep(0.05)
     return code
 
@@ -200,11 +205,24 @@ def serve_worker_admin(
     return stop
 
 
-def _child(target: Callable[[int], int], index: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for a SIGTERM (a drain) when the parent dies, however it dies: a worker left behind by
+    a SIGKILLed parent would keep its port share (SO_REUSEPORT) and serve with nobody watching it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's own stop still reaches the workers
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(target: Callable[[int], int], index: int, parent: int) -> None:
     # The parent's handlers must not run here; the worker installs its own in its event loop. Until it
     # does, a SIGHUP (a reload forwarded by the parent) is ignored rather than fatal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent(parent)
     code = target(index)
     raise SystemExit(COULD_NOT_START if code == 1 else code)

@@ -141,3 +141,46 @@ async def test_workers_that_keep_dying_stop_the_process(workers: Workers) -> Non
                     os.kill(pid, signal.SIGKILL)
             await asyncio.sleep(0.1)
     assert proc.returncode == 1  # more than MAX_RESTARTS deaths within RESTART_WINDOW
+
+
+def serving(config: Path) -> list[int]:
+    """The pids of every process running ``config`` (the parent and its workers, or workers left behind)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(config).encode() in f.read().split(b"\0"):
+                    pids.append(int(entry))
+    return pids
+
+
+async def test_workers_stop_when_the_parent_is_killed(workers: Workers, tmp_path: Path) -> None:
+    # A worker outliving a SIGKILLed parent would keep its share of the port (SO_REUSEPORT) with nobody to
+    # watch or stop it: the kernel sends each a SIGTERM (a drain) when the parent dies.
+    proc, port, metrics_port = workers
+    await until_two_workers(proc, metrics_port)
+    pids = children(proc.pid)
+    proc.kill()
+    proc.wait()
+    async with asyncio.timeout(15):
+        while any(pid in serving(tmp_path / "front.yaml") for pid in pids):
+            await asyncio.sleep(0.1)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.09, 0.1, 0.11, 0.13])
+async def test_a_stop_while_a_worker_is_restarted_leaves_no_worker_behind(
+    workers: Workers, tmp_path: Path, wait: float
+) -> None:
+    # A worker restarted (0.1 s after a death) in the moment of a SIGTERM was missed by the stop: the parent
+    # waited for it until it was killed itself, and the worker served on, orphaned.
+    proc, _, metrics_port = workers
+    await until_two_workers(proc, metrics_port)
+    os.kill(children(proc.pid)[0], signal.SIGKILL)
+    await asyncio.sleep(wait)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 15) == 0
+    async with asyncio.timeout(5):
+        while serving(tmp_path / "front.yaml"):
+            await asyncio.sleep(0.1)
