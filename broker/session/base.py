@@ -50,8 +50,9 @@ NO_STOP = 1 << 62
 NORMAL_DISCONNECT = b"\xe0\x00"
 """DISCONNECT, reason 0 (normal, the will is discarded): the same two bytes in MQTT 3.1.1 and 5."""
 
-Held = tuple[bytes, list[int], int]
-"""A direction's held packets: the chunk, the ends of the packets still to process, the held packet's start."""
+Held = tuple[bytes, list[int], int, int]
+"""A direction's held packets: the chunk, the ends of the read's packets, the held packet's start, and the index in
+those ends of the held packet's end (where the relay goes on; the list is never copied)."""
 
 
 class SessionBase:

@@ -128,6 +128,31 @@ def test_delivery_waits_in_order_and_pauses_the_upstream() -> None:
     assert s.reading_upstream and s.stats.denied_deliver == 1
 
 
+@pytest.mark.parametrize("side", ["upstream", "client"])
+def test_a_read_of_many_packets_held_one_by_one_goes_on_in_its_own_list(side: str) -> None:
+    # One read, 600 packets, each on a topic of its own (a cold delivery check each, or a publish check): every
+    # packet is held in turn, in order, and resumed where it stopped in the read's own list of packet ends. A
+    # copy of the rest per hold cost O(n) each, and the copies were young objects the next gen-0 collection
+    # walked (64 subscribers with 400 held each: 0.8 ms per collection, a stall of every session).
+    s = established(True)
+    action = "deliver" if side == "upstream" else "publish"
+    names = [f"t/{i}" for i in range(600)]
+    data = b"".join(publish(t, b"x", v5=True) for t in names)
+    (s.receive_upstream if side == "upstream" else s.receive_client)(data)
+    lists = set()
+    for t in names:
+        assert s.actions == [CheckAccess(action, t, False)]
+        s.actions.clear()
+        held = s._held_upstream if side == "upstream" else s._held_client
+        assert held is not None
+        lists.add(id(held[1]))
+        s.access_decided(CheckAccess(action, t, False), True)
+    assert len(lists) == 1  # the same list all along, never a copy
+    out = s.out_client if side == "upstream" else s.out_upstream
+    assert topics(split_packets(out)) == names
+    assert (s.reading_upstream if side == "upstream" else s.reading_client) and not s.actions
+
+
 def test_denied_qos2_delivery_after_a_decision_is_completed_upstream() -> None:
     s = established(True)
     s.receive_upstream(publish("d", b"", v5=True, qos=2, packet_id=5))
