@@ -19,8 +19,11 @@ Three measurements, each against its bound or baseline in the same run, every on
    subscribers receive messages on fresh topics, each delivery needing a platform check answered after
    20 ms; p50/p99 with no load, with 1 such subscriber, 8, and 64 (the max_concurrency ceiling), and
    the delayed subscribers' throughput. The fresh-topic messages are published straight into Mosquitto,
-   so only the deliveries are cold. A control runs the round trips straight into Mosquitto while the 64
-   subscribers load the front: what the shared cores alone add to a round trip.
+   so only the deliveries are cold. Two controls, while the 64 subscribers load the front: the round trips
+   straight into Mosquitto (what the shared cores alone add to a round trip), and through a second,
+   identical front (the same process hops and machine load, another event loop). The loaded front's p99
+   minus the second front's, paired per repeat, is what the cold checks cost the other sessions of the
+   front they run on: the stall the issue rules out.
 
 The fake platform (``tests.support.platform.FakePlatform``) and every load generator run in processes of
 their own; nothing here runs when other tests or benchmarks share the machine (check ``pgrep -fa
@@ -421,6 +424,12 @@ def run_cold(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, duration: f
     front, port = start_platform_front(workdir, mosq_port, platform, acl_source="http", max_concurrency=64,
                                        name="cold")
     front_target = Target(port, username=LAT_USER, password=PASSWORD)
+    # A second front, the same config, for the round trips only: the same process hops and the same machine
+    # load as through the first, without sharing its event loop with the cold checks. The difference between
+    # the two, paired per repeat, is what the cold checks cost other sessions of their front (a stall).
+    front_b, port_b = start_platform_front(workdir, mosq_port, platform, acl_source="http", max_concurrency=64,
+                                           name="cold-b")
+    second_target = Target(port_b, username=LAT_USER, password=PASSWORD)
     variants = [
         ("direct Mosquitto, no load", Target(mosq_port), 0),
         ("through mqtt-front, no load", front_target, 0),
@@ -430,6 +439,8 @@ def run_cold(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, duration: f
         # The control: the same load on the front, the round trips straight into Mosquitto. What the machine's
         # two cores shared by every process cost the round trip, without the front on its path.
         ("direct Mosquitto, 64 cold subscribers on the front", Target(mosq_port), 64),
+        ("through a second mqtt-front, no load", second_target, 0),
+        ("through a second mqtt-front, 64 cold subscribers on the first", second_target, 64),
     ]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     per_sub = 500  # at 20 ms per check in order: >= 10 s of cold deliveries, longer than the window
@@ -444,8 +455,13 @@ def run_cold(workdir: Path, mosq: Proc, mosq_port: int, repeat: int, duration: f
                 runs[name].append(res)
     finally:
         front.stop()
+        front_b.stop()
         platform.stop()
     out: dict[str, Any] = {"duration_s": duration, "rate": rate, "per_sub": per_sub}
+    own = [a["p99_ms"] - b["p99_ms"] for a, b in zip(runs["through mqtt-front, 64 cold subscribers"],
+                                                       runs["through a second mqtt-front, 64 cold subscribers on the "
+                                                            "first"], strict=True)]
+    out["own_share_p99_ms"] = spread(own)
     for name, _, subs in variants:
         rs = runs[name]
         keys = ["p50_ms", "p99_ms", "max_ms", "front_cpu_share", "platform_cpu_share", "acl_requests",
@@ -499,13 +515,16 @@ def report(results: dict[str, Any]) -> str:
                   "| variant | p50 ms | p99 ms | max ms | front CPU share | cold deliveries/s (all) | "
                   "per subscriber | ACL requests | peak in flight |", "|---|---|---|---|---|---|---|---|---|"]
         for name, e in c.items():
-            if not isinstance(e, dict):
+            if not isinstance(e, dict) or "p50_ms" not in e:
                 continue
             cold = fmt(e["cold_msgs_per_s"], 0) if "cold_msgs_per_s" in e else ""
             per = fmt(e["cold_per_sub_msgs_per_s"], 1) if "cold_per_sub_msgs_per_s" in e else ""
             lines.append(f"| {name} | {fmt(e['p50_ms'])} | {fmt(e['p99_ms'])} | {fmt(e['max_ms'])} | "
                          f"{fmt(e['front_cpu_share'])} | {cold} | {per} | {fmt(e['acl_requests'], 0)} | "
                          f"{e['acl_peak_in_flight']['median']:.0f} |")
+        lines += ["", "p99 through the loaded front minus p99 through the second front under the same load, paired "
+                      f"per repeat (what the cold checks cost the other sessions of their front): "
+                      f"{fmt(c['own_share_p99_ms'])} ms"]
     return "\n".join(lines)
 
 
