@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import cast
 
 log = logging.getLogger("mqtt_front.workers")
 
@@ -46,6 +47,7 @@ COULD_NOT_START = 78
 # On SIGTERM each worker drains within limits.shutdown_timeout; one still alive this long after it is killed.
 KILL_MARGIN = 5.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what the parent passes on to its workers
 
 
 class ParentStats:
@@ -87,14 +89,27 @@ def run_workers(
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    def spawn(index: int) -> BaseProcess:
-        child = ctx.Process(target=_child, args=(target, index, os.getpid()), name=f"mqtt-front-worker-{index}")
-        child.start()
-        return child
+    prctl = _resolve_prctl()  # before any fork: no dlopen in a child forked from a process with threads
+
+    def spawn(index: int) -> None:
+        # The forwarded signals wait while a worker is forked and recorded: the child inherits this mask and
+        # takes them with its own handlers (_child), not with forward(), which it inherits too.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            child = ctx.Process(
+                target=_child, args=(target, index, os.getpid(), prctl), name=f"mqtt-front-worker-{index}"
+            )
+            child.start()
+            if index < len(procs):
+                procs[index] = child
+            else:
+                procs.append(child)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
     for index in range(count):
-        procs.append(spawn(index))
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        spawn(index)
+    for sig in FORWARDED:
         signal.signal(sig, forward)
     log.info("started %d workers: %s", count, ", ".join(str(p.pid) for p in procs))
     if started is not None:
@@ -142,11 +157,12 @@ def run_workers(
                 due.clear()
             elif now >= at:
                 del due[index]
-                procs[index] = spawn(index)
+                spawn(index)
                 PARENT.restarts += 1
                 log.info("worker %s restarted: pid %s", procs[index].name, procs[index].pid)
                 if stopping and procs[index].pid is not None:
-                    # The stop came while it was being forked: forward() could not see it yet.
+                    # The stop reached another thread of this process during the fork and forward() ran
+                    # before the new worker was recorded.
                     os.kill(procs[index].pid, signal.SIGTERM)
         time.sleep(0.05)
     return code
@@ -205,24 +221,35 @@ def serve_worker_admin(
     return stop
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel for a SIGTERM (a drain) when the parent dies, however it dies: a worker left behind by
-    a SIGKILLed parent would keep its port share (SO_REUSEPORT) and serve with nobody watching it."""
+def _resolve_prctl() -> Callable[..., int] | None:
+    """libc's prctl, or None where there is none (not Linux)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent's own stop still reaches the workers
+        return cast(Callable[..., int], ctypes.CDLL(None, use_errno=True).prctl)
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(parent: int, prctl: Callable[..., int] | None) -> None:
+    """Ask the kernel for a SIGTERM (a drain) when the parent dies, however it dies: a worker left behind by
+    a SIGKILLed parent would keep its port share (SO_REUSEPORT) and serve with nobody watching it. Linux only;
+    elsewhere the parent's own stop still reaches the workers."""
+    if prctl is None:
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("worker %d: prctl(PR_SET_PDEATHSIG) failed: %s", os.getpid(), os.strerror(ctypes.get_errno()))
         return
     if os.getppid() != parent:  # it died before the request was made
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _child(target: Callable[[int], int], index: int, parent: int) -> None:
+def _child(target: Callable[[int], int], index: int, parent: int, prctl: Callable[..., int] | None) -> None:
     # The parent's handlers must not run here; the worker installs its own in its event loop. Until it
-    # does, a SIGHUP (a reload forwarded by the parent) is ignored rather than fatal.
+    # does, a SIGHUP (a reload forwarded by the parent) is ignored rather than fatal. Forked with the
+    # forwarded signals blocked (spawn): one sent meanwhile is taken now, by these handlers.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    _die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    _die_with_parent(parent, prctl)
     code = target(index)
     raise SystemExit(COULD_NOT_START if code == 1 else code)

@@ -16,8 +16,7 @@ the packet as is, ``b""`` to drop it, or other bytes to send in its place.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable
-from itertools import islice
+from collections.abc import Callable, Iterator
 
 from broker.mqtt.errors import ProtocolError, ProtocolViolation
 from broker.mqtt.packets import PacketType
@@ -146,7 +145,7 @@ class Session(Live):
             self._receive_ok.clear()
         run = start
         try:
-            for end in islice(ends, first, None) if first else ends:
+            for end in _from(ends, first) if first else ends:
                 ptype = chunk[start] >> 4
                 counts[ptype] += 1
                 replacement = table[ptype](self, chunk, start, end)
@@ -370,6 +369,14 @@ class Session(Live):
         backlog, self._backlog_upstream = self._backlog_upstream, []
         for data in backlog:
             self.receive_upstream(data)
+
+
+def _from(ends: list[int], first: int) -> Iterator[int]:
+    """An iterator over ``ends`` that starts at index ``first`` at once (islice would step over the first ones:
+    O(n) per resume of a read held packet by packet)."""
+    it = iter(ends)
+    it.__setstate__(first)  # type: ignore[attr-defined]  # list_iterator's index, as pickle restores it
+    return it
 
 
 def _table(handlers: dict[int, Handler]) -> tuple[Handler, ...]:
