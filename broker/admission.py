@@ -129,7 +129,12 @@ class Admission:
     async def _take_cluster_slot(self, team: str, peer: str, request: Authenticate) -> AuthResult | None:
         """limits.store: the team's cap over all replicas (None: admitted). Fails as limits.store.on_error says."""
         store, cap = self.store, self.max_per_team
-        if store is None or cap is None:
+        if store is None:
+            return None
+        if cap is None:
+            # No cap now, but a reload may set one: the store counts the team's connections meanwhile, so
+            # that the connections admitted before the cap count against it on every replica.
+            store.add(team)
             return None
         taken = await store.take(team, cap)
         if taken:

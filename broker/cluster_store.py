@@ -250,8 +250,8 @@ class ClusterCounts:
         return result
 
     def add(self, team: str) -> None:
-        """Count a connection let in without the store's answer (``on_error: open``): the next answered
-        batch reports it; ``release`` it like the others."""
+        """Count a connection let in without the store's answer (``on_error: open``, or no cap configured
+        now): the next answered batch reports it; ``release`` it like the others."""
         self._counts[team] = self._counts.get(team, 0) + 1
         self._dirty.add(team)
         self._kick.set()

@@ -128,3 +128,33 @@ async def test_a_login_cancelled_while_the_store_is_asked_gives_its_slot_back(
     client, code = await open_client(front, "project:team1:p1", "after")
     assert code == 0  # the team's cap of 1 is free
     await client.close()
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_a_cap_set_by_a_reload_counts_the_connections_admitted_before_it(
+    make_front: FrontFactory, redis_server: RedisServer, v5: bool
+) -> None:
+    """limits.store with no max_connections_per_team, then a reload sets one: the team's connections
+    admitted before the cap count against it over all replicas (they were never counted in the store, so
+    another replica let the team past its new cap)."""
+    uncapped = limits(redis_server, 1)
+    uncapped["max_connections_per_team"] = None
+    one = await make_front(limits=uncapped)
+    two = await make_front(limits=uncapped)
+    a, code_a = await open_client(one, "project:team1:p1", "a", v5)
+    b, code_b = await open_client(one, "project:team1:p1", "b", v5)
+    assert (code_a, code_b) == (0, 0)
+    for front in (one, two):
+        front.admission.max_per_team = 2  # what a reload's swap sets (broker.control.Control._swap)
+    c, code_c = await open_client(two, "project:team1:p1", "c", v5)
+    assert code_c == (0x97 if v5 else 0x03)  # team1 has its 2 connections on the first replica
+    await a.close()
+    async with asyncio.timeout(5):  # a release is counted too: the freed slot is the other replica's now
+        while True:
+            d, code_d = await open_client(two, "project:team1:p1", "d", v5)
+            if code_d == 0:
+                break
+            await d.close()
+            await asyncio.sleep(0.05)
+    for client in (b, c, d):
+        await client.close()
