@@ -54,8 +54,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("broker.edge",),
     ("broker.relay", "broker.upstream", "broker.auth"),
     # Small I/O helpers of the relay: closing without a reset (the drain), paced login starts, counts the workers share,
-    # the per-team counts replicas share in Redis (limits.store).
-    ("broker.linger", "broker.pacing", "broker.shared_counts", "broker.cluster_store"),
+    # the per-team counts replicas share in Redis (limits.store), children that end with their parent.
+    ("broker.linger", "broker.pacing", "broker.shared_counts", "broker.cluster_store", "broker.parent_death"),
     ("broker.session",),
     # The shared leaves may be imported from anywhere above broker.mqtt and may import only broker.mqtt,
     # acl, the stdlib and third-party libraries.

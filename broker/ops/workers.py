@@ -7,7 +7,6 @@ new connections over them. The parent only starts, watches and stops them.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -17,7 +16,8 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import cast
+
+from broker.parent_death import Prctl, end_with_parent, resolve_prctl
 
 log = logging.getLogger("mqtt_front.workers")
 
@@ -46,7 +46,6 @@ BACKOFF_MAX = 5.0
 COULD_NOT_START = 78
 # On SIGTERM each worker drains within limits.shutdown_timeout; one still alive this long after it is killed.
 KILL_MARGIN = 5.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what the parent passes on to its workers
 
 
@@ -89,7 +88,7 @@ def run_workers(
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    prctl = _resolve_prctl()  # before any fork: no dlopen in a child forked from a process with threads
+    prctl = resolve_prctl()  # before any fork: no dlopen in a child forked from a process with threads
 
     def spawn(index: int) -> None:
         # The forwarded signals wait while a worker is forked and recorded: the child inherits this mask and
@@ -221,28 +220,19 @@ def serve_worker_admin(
     return stop
 
 
-def _resolve_prctl() -> Callable[..., int] | None:
-    """libc's prctl, or None where there is none (not Linux)."""
-    try:
-        return cast(Callable[..., int], ctypes.CDLL(None, use_errno=True).prctl)
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent(parent: int, prctl: Callable[..., int] | None) -> None:
-    """Ask the kernel for a SIGTERM (a drain) when the parent dies, however it dies: a worker left behind by
-    a SIGKILLed parent would keep its port share (SO_REUSEPORT) and serve with nobody watching it. Linux only;
+def _die_with_parent(parent: int, prctl: Prctl | None) -> None:
+    """A SIGTERM (a drain) when the parent dies, however it dies (broker.parent_death). Linux only;
     elsewhere the parent's own stop still reaches the workers."""
-    if prctl is None:
+    try:
+        alive = end_with_parent(prctl, parent)
+    except OSError as exc:
+        log.warning("worker %d: prctl(PR_SET_PDEATHSIG) failed: %s", os.getpid(), exc.strerror)
         return
-    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("worker %d: prctl(PR_SET_PDEATHSIG) failed: %s", os.getpid(), os.strerror(ctypes.get_errno()))
-        return
-    if os.getppid() != parent:  # it died before the request was made
+    if not alive:  # it died before the request was made
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _child(target: Callable[[int], int], index: int, parent: int, prctl: Callable[..., int] | None) -> None:
+def _child(target: Callable[[int], int], index: int, parent: int, prctl: Prctl | None) -> None:
     # The parent's handlers must not run here; the worker installs its own in its event loop. Until it
     # does, a SIGHUP (a reload forwarded by the parent) is ignored rather than fatal. Forked with the
     # forwarded signals blocked (spawn): one sent meanwhile is taken now, by these handlers.

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
@@ -33,7 +32,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from pathlib import Path
 from broker.config import ConfigError
 from broker.logs import log_event
 from broker.mqtt.packets import Connect, encode_connect
+from broker.parent_death import end_with_parent, resolve_prctl
 from broker.upstream.connector import UpstreamConnector
 
 log = logging.getLogger("mqtt_front.embedded")
@@ -54,7 +53,6 @@ HEALTH_INTERVAL = 5.0  # seconds between two health checks
 HEALTH_FAILURES = 3  # failed checks in a row before it is killed and restarted
 PROBE_TIMEOUT = 2.0
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_WINDOW = 0.1, 5.0, 60.0  # doubling per death within the window
-_PR_SET_PDEATHSIG = 1
 DIR_PREFIX = "mqtt-front-mosquitto-"
 OWNER_FILE = "front.pid"  # the front broker's pid: a folder whose owner is gone is removed at the next start
 
@@ -187,7 +185,7 @@ def _child_setup(account: tuple[str, int, int] | None) -> Callable[[], None]:
     """What the child runs between fork and exec: its own session, the account, then the parent-death
     signal (after the uid change, which clears it)."""
     parent = os.getpid()
-    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None  # resolved before fork
+    prctl = resolve_prctl()  # before the fork
 
     def setup() -> None:
         os.setsid()
@@ -195,9 +193,11 @@ def _child_setup(account: tuple[str, int, int] | None) -> Callable[[], None]:
             os.setgroups([])
             os.setgid(account[2])
             os.setuid(account[1])
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the signal was set
+        try:
+            alive = end_with_parent(prctl, parent)
+        except OSError:  # nothing can be logged here; the parent's stop still ends it
+            alive = os.getppid() == parent
+        if not alive:  # the parent died before the signal was set
             os._exit(1)
 
     return setup
