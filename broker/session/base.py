@@ -69,6 +69,7 @@ class SessionBase:
         "_client_table",
         "_connect",
         "_decided",
+        "_decided_down",
         "_deny_log",
         "_drain",
         "_early",
@@ -167,8 +168,11 @@ class SessionBase:
         self._held_upstream: Held | None = None
         self._backlog_client: list[bytes] = []
         self._backlog_upstream: list[bytes] = []
-        # Answers of CheckAccess for the packet being held: (action, topic, retain) -> allowed.
+        # Answers of CheckAccess for the packet being held: (action, topic, retain) -> allowed; one table per
+        # direction (the client's publish, subscribe and will checks; deliveries), so that a read that ends
+        # in one direction never drops the answers a packet held in the other one still needs.
         self._decided: dict[tuple[str, str, bool], bool] = {}
+        self._decided_down: dict[tuple[str, str, bool], bool] = {}
         # Checks the deciding backend did not answer (an error or timeout: a deny, but the will says 0x88).
         self._unanswered: set[tuple[str, str, bool]] = set()
         self._auth_waiting: AuthResult | None = None  # auth_done waits for the will's decision
@@ -385,8 +389,13 @@ class SessionBase:
 
     def _ask(self, action: str, topic: str, retain: bool) -> None:
         """Ask the I/O layer for a decision the policy does not know yet (see CheckAccess)."""
-        if len(self._decided) > 64:
-            self._decided.clear()  # answers of packets long gone: a cheap bound
+        if action == "deliver":
+            if len(self._decided_down) > 64:
+                self._decided_down.clear()  # answers of packets long gone: a cheap bound
+        elif len(self._decided) > 64 + self.settings.decode_limits.filters:
+            # The bound is above what one SUBSCRIBE may ask (its filters are all decided before it goes on):
+            # cleared below that, a large one would lose its answers and ask again without end.
+            self._decided.clear()
             self._unanswered.clear()
         self._actions.append(CheckAccess(action, topic, retain))
 

@@ -302,7 +302,7 @@ class Session(Live):
         """The answer to a CheckAccess action: the packets held for it go on. Then hand over. None: the
         deciding backend did not answer (a deny; a will refused so gets "server unavailable")."""
         key = (check.action, check.topic, check.retain)
-        self._decided[key] = bool(allowed)
+        (self._decided_down if check.action == "deliver" else self._decided)[key] = bool(allowed)
         if allowed is None and self._state is State.AUTHENTICATING:  # only the will's answer is read so
             self._unanswered.add(key)
         self._work = 0  # the answer comes in a loop turn of its own
@@ -360,7 +360,7 @@ class Session(Live):
             self._relay(chunk, ends, start, self._out_client, self._upstream_table, self.stats.packets_out, first)
             if self._held_upstream is not None:
                 return
-            self._decided.clear()
+            self._decided_down.clear()
             if self._upstream_framer.error is not None and not self.closed:
                 raise self._upstream_framer.error
         except ProtocolError as exc:

@@ -44,6 +44,7 @@ class Live(Paths):
         self._publish_ok_retained.clear()
         self._receive_ok.clear()
         self._decided.clear()
+        self._decided_down.clear()
         self._deny_log = None  # it explains denials with the policy it was made with
         will = self._connect.will if self._connect is not None else None
         if will is not None and policy.check_publish(will.topic, will.retain) is False:

@@ -272,7 +272,7 @@ class Paths(Handshake):
         policy = self.policy
         allowed: bool | None = False
         if topic is not None and policy is not None:
-            allowed = self._decided.get(("deliver", topic, False)) if self._decided else None
+            allowed = self._decided_down.get(("deliver", topic, False)) if self._decided_down else None
             if allowed is None:
                 allowed = policy.check_receive(topic)
                 if allowed is None:

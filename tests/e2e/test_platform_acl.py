@@ -403,6 +403,28 @@ async def test_platform_outage_after_warm_up(
         await c.close()
 
 
+@pytest.mark.parametrize("v5", VERSIONS)
+@pytest.mark.parametrize("style", STYLES)
+async def test_a_subscribe_of_100_filters_during_an_outage_is_refused_after_one_request_each(
+    make_front: FrontFactory, platform: FakePlatform, style: str, v5: bool
+) -> None:
+    """Errors are not cached: each filter's answer lives only in the session until the SUBSCRIBE is
+    answered. With more than 64 filters (100 may come in one packet), those answers were dropped and the
+    SUBSCRIBE asked the platform again from its first filter without end, never answered."""
+    platform.add(PA)
+    front = await platform_front(make_front, platform, style, cache_ttl=30, negative_cache_ttl=30)
+    client = await login(front, platform, PA, v5)
+    acl_log(platform, style).fail = 503
+    t = uid()
+    filters = [f"ff/v1/team1/p/pa/in/{t}/{i}" for i in range(100)]
+    async with asyncio.timeout(10):
+        assert await client.subscribe(*filters, qos=1) == [suback_refused(v5)] * 100
+    assert sorted(topic for _, _, topic in asked(platform, style)) == sorted(filters)  # each once
+    acl_log(platform, style).fail = None
+    assert await client.subscribe(filters[0], qos=1) == [1]  # the session goes on
+    await client.close()
+
+
 # -- metrics ----------------------------------------------------------------------------------------------
 
 

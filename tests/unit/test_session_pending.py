@@ -114,6 +114,49 @@ def test_subscribe_asks_filter_by_filter_and_merges() -> None:
     assert s.stats.denied_subscribe == 1  # counted once, not once per round trip
 
 
+@pytest.mark.parametrize("v5", [True, False])
+@pytest.mark.parametrize("answer", [None, False, True])
+def test_a_subscribe_of_the_most_filters_asks_each_once_and_is_answered(v5: bool, answer: bool | None) -> None:
+    """A platform that does not answer (None: an outage; nothing is cached) or caches nothing: every filter
+    of a SUBSCRIBE of max_filters_per_packet is asked once, then it is answered. Before, the answers were
+    dropped after 64 of them and the SUBSCRIBE asked again from its first filter without end."""
+    s = established(v5)
+    count = s.settings.decode_limits.filters
+    filters = [(f"f/{i}", 1) for i in range(count)]
+    s.receive_client(subscribe(filters, v5=v5))
+    asked: list[str] = []
+    while s.actions and len(asked) <= 2 * count:
+        (check,) = s.actions
+        assert isinstance(check, CheckAccess)
+        s.actions.clear()
+        asked.append(check.topic)
+        s.access_decided(check, answer)
+    assert asked == [f for f, _ in filters]
+    if answer:
+        (up,) = s.out_upstream
+        assert len(decode_subscribe(up, 0, len(up), v5).filters) == count
+    else:
+        (down,) = s.out_client
+        assert decode_suback(down, 0, len(down), v5).reason_codes == [0x87 if v5 else 0x80] * count
+        assert s.stats.denied_subscribe == count
+
+
+def test_a_delivery_decided_meanwhile_keeps_the_answers_a_held_subscribe_needs() -> None:
+    s = established(True)
+    s.receive_client(subscribe([("a/#", 1), ("b/#", 1)], v5=True))
+    s.access_decided(CheckAccess("subscribe", "a/#", False), None)
+    s.actions.clear()
+    s.receive_upstream(publish("d/1", b"1", v5=True))  # a delivery asked and answered: its read ends
+    assert s.actions == [CheckAccess("deliver", "d/1", False)]
+    s.actions.clear()
+    s.access_decided(CheckAccess("deliver", "d/1", False), True)
+    assert topics(split_packets(s.out_client)) == ["d/1"]
+    s.access_decided(CheckAccess("subscribe", "b/#", False), None)
+    assert s.actions == []  # a/# was not asked again
+    (down,) = s.out_client[1:]
+    assert decode_suback(down, 0, len(down), True).reason_codes == [0x87, 0x87]
+
+
 def test_delivery_waits_in_order_and_pauses_the_upstream() -> None:
     s = established(True)
     s.receive_upstream(publish("d/1", b"1", v5=True) + publish("d/2", b"2", v5=True))
