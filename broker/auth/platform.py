@@ -449,6 +449,10 @@ class PlatformClient:
         answer = self._read_go_auth(status) if self._go_auth else self._read_emqx(kind, status, response.body)
         if answer.result == "error":
             self._failed(kind, "error", f"status {status}, unexpected answer")
+        elif not self._go_auth and 400 <= status < 500:
+            # EMQX's "ignore" (a deny here), but FlowFuse's v2 API always answers 200: a 4xx says that the
+            # URL or its headers are wrong, which every client would otherwise only see as bad credentials.
+            self._failed(kind, "status", f"status {status}, read as deny")
         return answer
 
     @staticmethod

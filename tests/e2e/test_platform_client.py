@@ -529,6 +529,29 @@ async def test_platform_errors_are_logged_at_most_once_a_second(
     assert "hunter2" not in text and "pw-secret" not in text and "abc" not in text
 
 
+@pytest.mark.parametrize(("style", "logged"), [("emqx", True), ("go-auth", False)])
+async def test_a_4xx_is_a_deny_and_in_emqx_style_also_a_logged_platform_error(
+    platform: FakePlatform, caplog: pytest.LogCaptureFixture, style: str, logged: bool
+) -> None:
+    """FlowFuse's v2 API always answers 200: a 401 there means our URL or header is wrong, which clients
+    would only see as bad credentials. go-auth answers 401 for every deny: nothing to say then."""
+    config = platform.emqx_config() if style == "emqx" else platform.go_auth_config()
+    client = PlatformClient(HttpAuthConfig.model_validate(config))
+    await client.start()
+    (platform.auth if style == "emqx" else platform.go_auth).fail = 401
+    try:
+        with caplog.at_level(logging.WARNING, logger="mqtt_front.auth.platform"):
+            assert await client.authenticate(PROJECT, b"pw-secret", "c") == PlatformVerdict(False, "deny")
+    finally:
+        await client.close()
+    lines = [r.event_fields for r in caplog.records if getattr(r, "event", None) == "platform_error"]  # type: ignore[attr-defined]
+    if logged:
+        expected = [("auth", "status", "status 401, read as deny")]
+        assert [(f["kind"], f["reason"], f["detail"]) for f in lines] == expected
+    else:
+        assert lines == []
+
+
 def test_fake_platform_serves_from_a_thread_for_sync_tests() -> None:
     with FakePlatform().in_thread() as fake:
         password = fake.add("alice@team1")
