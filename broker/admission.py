@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from acl.claims import ClaimPolicy
-from acl.client_ids import client_id_rule
+from acl.client_ids import client_id_allowed, client_id_rule
 from acl.engine import AclEngine
 from acl.identity import Identity, parse_identity
 from acl.placeholders import PLACEHOLDER_RE, placeholder_values
@@ -201,6 +201,11 @@ class Admission:
             self.latency.observe("jwt", time.perf_counter() - started)
             return self._bind_jwt(jwt_verdict, client_id, peer)
         if not known_locally and self.platform is not None and username is not None:
+            rule = client_id_rule(parse_identity(username), self.acl_config.client_id_suffix)
+            if client_id and not client_id_allowed(rule, username, client_id):
+                # Refused before the platform is asked: a one-time credential (FlowFuse deletes it once checked)
+                # is not used up by a CONNECT the client-id rule refuses anyway.
+                return AuthResult(False, client_id_rejected=True, client_id_rule=ClientIdRule(rule))
             verdict = await self.platform.authenticate(username, password, client_id)
             self.latency.observe("http", time.perf_counter() - started)
             if not verdict.ok:

@@ -131,6 +131,7 @@ class AuthResult:
     quota_exceeded: bool = False  # refusal reason: the team has all the connections it may have
     busy: bool = False  # refusal reason: too many password checks queued (try again later)
     unavailable: bool = False  # refusal reason: the deciding backend (the platform) did not answer
+    client_id_rejected: bool = False  # refusal reason: the client id breaks ``client_id_rule`` (nobody was asked)
     client_id_rule: ClientIdRule = ClientIdRule.PREFIX
     # Topics of this client live under this prefix upstream (its team's space); "" = not mounted.
     mountpoint: str = ""

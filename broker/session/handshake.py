@@ -135,6 +135,11 @@ class Handshake(SessionBase):
                     ConnackV3.SERVER_UNAVAILABLE, ConnackV5.QUOTA_EXCEEDED, "connection quota exceeded", "limit"
                 )
                 return
+            if result.client_id_rejected:
+                self.stats.denied_connect += 1
+                self._client_id_rule = result.client_id_rule
+                self._refuse_client_id(connect.client_id)
+                return
             self.stats.auth_failures += 1
             self.stats.denied_connect += 1
             if result.bad_credentials:
@@ -156,17 +161,7 @@ class Handshake(SessionBase):
         upstream_id = self._map_client_id(connect.client_id, result.username)
         if upstream_id is None:
             self.stats.denied_connect += 1
-            must = (
-                "be the username"
-                if self._client_id_rule is ClientIdRule.EXACT
-                else "be the username or start with '<username>:'"
-            )
-            self._refuse_connect(
-                ConnackV3.IDENTIFIER_REJECTED,
-                ConnackV5.CLIENT_ID_INVALID,
-                f"client id {connect.client_id!r} must {must}",
-                "not_authorized",
-            )
+            self._refuse_client_id(connect.client_id)
             return
         will = connect.will
         mount = self._mount
@@ -211,6 +206,16 @@ class Handshake(SessionBase):
         self.upstream_client_id = upstream_id
         self._set_state(State.CONNECTING_UPSTREAM)
         self._actions.append(OpenUpstream())
+
+    def _refuse_client_id(self, client_id: str) -> None:
+        exact = self._client_id_rule is ClientIdRule.EXACT
+        must = "be the username" if exact else "be the username or start with '<username>:'"
+        self._refuse_connect(
+            ConnackV3.IDENTIFIER_REJECTED,
+            ConnackV5.CLIENT_ID_INVALID,
+            f"client id {client_id!r} must {must}",
+            "not_authorized",
+        )
 
     def _map_client_id(self, client_id: str, username: str | None) -> str | None:
         """Client-id policy: ids are bound to identities so no one can take over another's session.

@@ -242,6 +242,28 @@ async def test_one_time_credential_on_a_slow_platform_is_never_retried(
     assert requests_total(s, "auth", "timeout") == 1 and requests_total(s, "auth", "deny") == 1
 
 
+@pytest.mark.parametrize(("username", "allowed_filter", "topic"), ONE_TIME)
+@pytest.mark.parametrize("v5", VERSIONS)
+@pytest.mark.parametrize("style", STYLES)
+async def test_a_client_id_the_rule_refuses_never_uses_up_a_one_time_credential(
+    make_front: FrontFactory, platform: FakePlatform, style: str, v5: bool, username: str, allowed_filter: str,
+    topic: str,
+) -> None:
+    """The client-id rule depends on the username and the configuration only: it is applied before the
+    platform is asked, so a CONNECT it refuses anyway does not consume the credential (MQTT.js's default
+    ``mqttjs_<hex>`` id with a browser's one-time token)."""
+    password = platform.add(username)
+    front = await platform_front(make_front, platform, style)
+    assert await connack(front, username, password, v5, client_id="mqttjs_ab12cd34") == (0x85 if v5 else 0x02)
+    assert auth_log(platform, style).count == 0 and platform.consumed == []
+    client = await connect_ok(front_port(front), username, v5, client_id=username, password=password)
+    assert platform.consumed == [username]
+    await client.close()
+    s = await metrics_of(front)
+    assert connect_results(s) == {"not_authorized": 1, "ok": 1}
+    assert requests_total(s, "auth", "allow") == 1
+
+
 # -- backend chain ----------------------------------------------------------------------------------------
 
 
