@@ -381,7 +381,7 @@ class ClaimPolicy:
         if decide_soon is None:
             done(False)
             return
-        decide_soon(action, topic, retain, lambda allowed: done(bool(allowed)))
+        decide_soon(action, topic, retain, done)  # None passes through: unanswered (a will then gets 0x88)
 
     # -- explanations (uncached) ----------------------------------------------------------------------
 

@@ -539,3 +539,29 @@ async def test_platform_decisions_expire_behind_a_jwt_acl_claim(
     assert not await delivered()  # after it: the platform's new answer counts behind the claim too
     await client.close()
     await publisher.close()
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+@pytest.mark.parametrize("style", STYLES)
+async def test_a_will_behind_a_jwt_acl_claim_the_platform_cannot_answer_is_server_unavailable(
+    make_front: FrontFactory, platform: FakePlatform, style: str, v5: bool
+) -> None:
+    """No claim matches the will: the platform decides it, and it does not answer. The client is told to
+    retry later (0x88 / 0x03), as without a token, not that its will is forbidden (0x87 / 0x05)."""
+    user = "project:team1:pj"
+    platform.add(user)
+    secret = "a-test-secret-of-at-least-32-bytes!"
+    http = platform.emqx_config() if style == "emqx" else platform.go_auth_config()
+    front = await make_front(
+        auth={"http": {**http, "timeout": 0.5}, "jwt": {"secret": secret, "algorithms": ["HS256"]}},
+        acl={"source": "http"},
+    )
+    claims = {"sub": user, "exp": int(time.time()) + 60, "acl": [
+        {"permission": "allow", "action": "publish", "topic": "ff/v1/team1/c/claimed/#"}
+    ]}
+    token = pyjwt.encode(claims, secret, algorithm="HS256")
+    acl_log(platform, style).fail = 503
+    will = Will("ff/v1/team1/p/pj/out/status", b"gone", 1, False)
+    assert await connack(front, user, token, v5, client_id=f"{user}:n", will=will) == code(v5, SERVER_UNAVAILABLE)
+    acl_log(platform, style).fail = None
+    assert await connack(front, user, token, v5, client_id=f"{user}:n", will=will) == 0
