@@ -76,6 +76,7 @@ RS_ALGORITHMS = frozenset({"RS256", "RS384", "RS512"})
 ES_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}
 MIN_RSA_BITS = 2048
 MAX_IDENTITY = 65535  # bytes: an MQTT string
+MAX_NUMERIC_DATE = 2**53  # seconds: far beyond any real exp, and exact as a float
 
 # PyJWT checks the signature, iss and aud; the time claims are checked here, against the caller's clock.
 _DECODE_OPTIONS: Options = {
@@ -280,7 +281,13 @@ def load_keys(config: JwtAuthConfig) -> tuple[_Key, ...]:
 
 
 def _number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A NumericDate: a finite number, and an int no larger than a float holds exactly (10**400 would make
+    math.isfinite, and later float(), raise)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -MAX_NUMERIC_DATE <= value <= MAX_NUMERIC_DATE
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def identity_problem(value: object) -> str | None:

@@ -264,6 +264,15 @@ def test_a_payload_that_is_not_an_object_is_malformed() -> None:
     assert check(verifier(secret=SECRET), f"{signing_input}.{signature}").reason == "malformed"
 
 
+@pytest.mark.parametrize("field", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [10**400, -(10**400), 2**63, 1e308 * 10, float("nan"), True])
+def test_time_claims_no_float_holds_are_malformed_without_raising(field: str, value: Any) -> None:
+    """10**400 made math.isfinite raise OverflowError (a traceback in the log, from a signed token)."""
+    token = forge({"alg": "HS256"}, claims(**{field: value}), SECRET.encode())
+    verdict = check(verifier(secret=SECRET), token)
+    assert (verdict.ok, verdict.reason) == (False, "malformed")
+
+
 def test_odd_headers_are_malformed() -> None:
     v = verifier(secret=SECRET)
     assert check(v, forge({"alg": "HS256", "kid": 7}, claims(), SECRET.encode())).reason == "malformed"
