@@ -31,7 +31,7 @@ from broker.mqtt.reasons import DisconnectReason
 from broker.ops.metrics import Metrics
 from broker.relay import ClientConnection
 from broker.reload import Prepared, apply_logging, prepare
-from broker.session import Session, SessionSettings
+from broker.session import AccessPolicy, Session, SessionSettings
 from broker.session.inventory import Inventory
 from broker.upstream.connector import UpstreamConnector
 
@@ -76,18 +76,19 @@ class Control:
     def generation(self) -> int:
         return self._generation
 
-    def admitted(self, grant: Grant, since: int) -> str | None:
-        """A login that began at generation ``since`` and was admitted now: None if it may stay, or why not
-        (a reload or revoke ran while its credentials were being checked, and re-evaluation missed it)."""
+    def admitted(self, grant: Grant, since: int, policy: AccessPolicy) -> AccessPolicy | str:
+        """A login that began at generation ``since`` and was admitted now with ``policy``: the policy it goes
+        on with, or why it may not stay. A reload or revoke that ran while its credentials were being checked
+        missed it in the re-evaluation: it is judged here, and gets the rules now in force (a platform client
+        a reload replaced is being closed)."""
         if since == self._generation:
-            return None
+            return policy
         for generation, username, team in self._revocations:
             if generation > since and (
                 (username is not None and username == grant.username) or (team is not None and team == grant.team)
             ):
                 return "credentials revoked"
-        verdict = self.front.admission.rebind(grant, None)
-        return verdict if isinstance(verdict, str) else None
+        return self.front.admission.rebind(grant, policy)
 
     async def reload(self) -> dict[str, object]:
         """Reload the whole configuration file (SIGHUP, ``mqtt-front reload``, the admin API).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -406,10 +407,10 @@ class FrontBroker:
     async def admit(self, request: Authenticate, conn: ClientConnection) -> AuthResult:
         since = self.control.generation
         result = await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
-        if result.ok and conn in self.connections:
+        if result.ok and result.policy is not None and conn in self.connections:
             grant = self.admission.grant(result, request.client_id, conn.listener)
-            why = self.control.admitted(grant, since)  # a reload or revoke ran while it was checked
-            if why is not None:
+            why = self.control.admitted(grant, since, result.policy)  # a reload or revoke ran while it was checked
+            if isinstance(why, str):
                 if result.team is not None:
                     self.admission.release_team(result.team)
                 log_event(
@@ -423,6 +424,8 @@ class FrontBroker:
                     reason=why,
                 )
                 return AuthResult(False)
+            if why is not result.policy:
+                result = dataclasses.replace(result, policy=why)
             self.grants[conn] = grant
         return result
 

@@ -8,6 +8,7 @@ import asyncio
 import bcrypt
 import pytest
 
+from acl.identity import parse_identity
 from broker.admission import Grant
 from broker.auth.users import Authenticator
 from broker.config import parse_config
@@ -36,16 +37,21 @@ async def test_a_password_check_that_spans_a_reload_refuses_and_is_not_cached() 
         auth.close()
 
 
-def front() -> FrontBroker:
+def front(rules: list[dict[str, object]] | None = None) -> FrontBroker:
+    acl = {"preset": "none", "rules": rules} if rules is not None else {}
     return FrontBroker(
         parse_config(
             {
                 "listeners": [{"name": "mqtt", "bind": "127.0.0.1:0"}],
                 "upstream": {"url": "mqtt://127.0.0.1:1"},
                 "auth": {"allow_anonymous": True},
+                "acl": acl,
             }
         )
     )
+
+
+ANYONE = Readable("")  # the policy the login was checked with (the tests below only compare it)
 
 
 def test_a_login_admitted_across_a_revoke_of_its_identity_or_team_is_refused() -> None:
@@ -53,15 +59,15 @@ def test_a_login_admitted_across_a_revoke_of_its_identity_or_team_is_refused() -
     try:
         grant = Grant("anonymous", None, "c1", "", team=None)
         since = f.control.generation
-        assert f.control.admitted(grant, since) is None
+        assert f.control.admitted(grant, since, ANYONE) is ANYONE  # nothing ran meanwhile
         f.control.revoke(team="team1")
         team1 = Grant("platform", "project:team1:p1", "project:team1:p1", "", team="team1")
         team2 = Grant("platform", "project:team2:p3", "project:team2:p3", "", team="team2")
-        assert f.control.admitted(team1, since) == "credentials revoked"
-        assert f.control.admitted(team2, since) is None
-        assert f.control.admitted(team1, f.control.generation) is None
+        assert f.control.admitted(team1, since, ANYONE) == "credentials revoked"
+        assert not isinstance(f.control.admitted(team2, since, ANYONE), str)
+        assert f.control.admitted(team1, f.control.generation, ANYONE) is ANYONE
         f.control.revoke(username="project:team2:p3")
-        assert f.control.admitted(team2, since) == "credentials revoked"
+        assert f.control.admitted(team2, since, ANYONE) == "credentials revoked"
     finally:
         f.authenticator.close()
 
@@ -72,9 +78,28 @@ def test_a_login_admitted_across_a_reload_that_turns_anonymous_off_is_refused() 
         since = f.control.generation
         f.authenticator.allow_anonymous = False
         f.control._generation += 1  # what a reload does
-        assert f.control.admitted(Grant("anonymous", None, "c1", ""), since) == "anonymous access turned off"
+        assert f.control.admitted(Grant("anonymous", None, "c1", ""), since, ANYONE) == "anonymous access turned off"
     finally:
         f.authenticator.close()
+
+
+def test_a_login_admitted_across_a_reload_gets_the_rules_now_in_force() -> None:
+    """The policy was bound before the reload (then the login waited: the platform, bcrypt, limits.store):
+    the session must not keep the old rules until the next reload."""
+    f = front([{"who": "anonymous", "effect": "allow", "action": "both", "pattern": "a/#"}])
+    after = front([{"who": "anonymous", "effect": "allow", "action": "both", "pattern": "b/#"}])
+    try:
+        since = f.control.generation
+        grant = Grant("anonymous", None, "c1", "")
+        old = f.admission.acl.for_client(parse_identity(None), "c1")
+        f.admission.acl = after.admission.acl
+        f.control._generation += 1  # what a reload does
+        policy = f.control.admitted(grant, since, old)
+        assert not isinstance(policy, str) and policy is not old
+        assert (policy.check_publish("a/x"), policy.check_publish("b/x")) == (False, True)
+    finally:
+        f.authenticator.close()
+        after.authenticator.close()
 
 
 @pytest.mark.parametrize("v5", [True, False])
