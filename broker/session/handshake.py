@@ -34,7 +34,7 @@ from broker.mqtt.properties import Prop, Properties
 from broker.mqtt.reasons import ConnackV3, ConnackV5, DisconnectReason
 from broker.session.api import Authenticate, AuthResult, ClientIdRule, OpenUpstream, State
 from broker.session.base import SessionBase, log
-from broker.session.mount import fits
+from broker.session.mount import fits, unmount_topic
 
 ANONYMOUS_PREFIX = ANONYMOUS_CLIENT_PREFIX  # the namespace of anonymous clients' ids upstream
 
@@ -338,6 +338,15 @@ class Handshake(SessionBase):
             elif Prop.ASSIGNED_CLIENT_IDENTIFIER in props:
                 # We always send an id upstream, so this should not happen; never leak a prefix.
                 props.pop(Prop.ASSIGNED_CLIENT_IDENTIFIER)
+            info = props.get(Prop.RESPONSE_INFORMATION)
+            if self._mount and isinstance(info, str):
+                # The basis of response topics the client builds (and sends mounted): shown as the client sees
+                # topics; one outside the mount is no topic the client could use.
+                seen = unmount_topic(self._mount, info)
+                if seen is None:
+                    props.pop(Prop.RESPONSE_INFORMATION)
+                else:
+                    props[Prop.RESPONSE_INFORMATION] = seen
             # Tell the client the smaller of our limit and the upstream's.
             limit = self.settings.max_packet_size
             props[Prop.MAXIMUM_PACKET_SIZE] = min(limit, props.get(Prop.MAXIMUM_PACKET_SIZE, limit))

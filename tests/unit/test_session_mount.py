@@ -11,6 +11,7 @@ from broker.mqtt.packets import (
     Connect,
     PacketType,
     Will,
+    decode_connack,
     decode_connect,
     decode_publish,
     decode_subscribe,
@@ -202,3 +203,23 @@ def test_no_client_filter_reaches_outside_the_mount(inner: str, share: str) -> N
     # Whatever the filter matches upstream is under the mount or is the mount's own parent level
     # (matched by a trailing "#"), which unmount_topic refuses.
     assert unmount_topic(M, M.rstrip("/")) is None
+
+
+@pytest.mark.parametrize(
+    ("upstream_info", "client_info"),
+    [(f"{M}responses/", "responses/"), ("ff/v1/team2/c/responses/", None), (M, None), (None, None)],
+)
+def test_connack_response_information_is_shown_inside_the_mount(
+    upstream_info: str | None, client_info: str | None
+) -> None:
+    """The basis of response topics the client builds: stripped like a delivered topic, dropped when it is
+    not under the mount (the client could not use it)."""
+    s = DrivenSession(SessionSettings(), peer="test")
+    s.receive_client(encode_connect(Connect(5, True, 60, "c1@team1", username="c1@team1")))
+    s.auth_done(AuthResult(True, "c1@team1", AllowAll(), "team1", mountpoint=M))
+    s.upstream_connected()
+    props: dict[int, object] = {} if upstream_info is None else {Prop.RESPONSE_INFORMATION: upstream_info}
+    s.receive_upstream(encode_connack(True, False, 0, props))
+    (down,) = s.out_client
+    connack = decode_connack(down, 0, len(down), True)
+    assert connack.properties.get(Prop.RESPONSE_INFORMATION) == client_info
