@@ -98,9 +98,10 @@ _VerifyKey = bytes | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 @dataclass(frozen=True, slots=True)
 class JwtVerdict:
-    """What a token proved. ``expires_at`` is ``exp + leeway`` on the ``time.time()`` clock: from then on
-    the token is no longer accepted, so the session must end then (ending it at ``exp`` would cut off at
-    once a token accepted inside the leeway). ``rules`` are the token's ACL claim, placeholders
+    """What a token proved. ``expires_at`` is when the session must end, on the ``time.time()`` clock: at
+    ``exp``, as EMQX's ``disconnect_after_expire`` does; for a token already past its
+    ``exp`` and accepted inside the leeway, at ``exp + leeway`` (ending it at ``exp`` would cut it off at
+    once). ``rules`` are the token's ACL claim, placeholders
     unbound (see :meth:`access_policy`); ``rules_exclusive`` is set for EMQX's object form, whose lists
     are the whole policy. ``detail`` says more about a refusal for the log; it never holds the token."""
 
@@ -423,4 +424,5 @@ class JwtVerifier:
             if problem is not None:
                 return _refuse("malformed", f"claim {config.mountpoint_claim!r}: {problem}")
             mountpoint = value
-        return JwtVerdict(True, "ok", identity, float(exp) + leeway, rules, mountpoint, exclusive)
+        expires_at = float(exp) if exp > now else float(exp) + leeway
+        return JwtVerdict(True, "ok", identity, expires_at, rules, mountpoint, exclusive)

@@ -135,7 +135,7 @@ class AuthResult:
     client_id_rule: ClientIdRule = ClientIdRule.PREFIX
     # Topics of this client live under this prefix upstream (its team's space); "" = not mounted.
     mountpoint: str = ""
-    expires_at: float | None = None  # time.time() at which the credentials stop being accepted (a JWT's exp + leeway)
+    expires_at: float | None = None  # time.time() at which the session must end (a JWT's exp; broker.auth.jwt)
 
 
 DEFAULT_LIMITS = DecodeLimits()

@@ -377,6 +377,28 @@ async def test_token_expiring_while_connected(front: FrontBroker, mosquitto: Mos
         await c.close()
 
 
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_with_the_default_leeway_a_session_still_ends_at_exp(
+    make_front: FrontFactory, users_file: Path, v5: bool
+) -> None:
+    """The leeway (30 s by default) is for the check at login: a session still ends at its token's exp. A
+    token already past its exp, accepted inside the leeway, is not cut off at once."""
+    jwt_config = {"secret": SECRET, "issuer": ISSUER, "audience": AUDIENCE}
+    front = await make_front(auth={"users_file": str(users_file), "jwt": jwt_config}, acl=ACL)
+    port = front_port(front)
+    exp = time.time() + 1.5
+    client = await token_ok(port, hs256(exp=exp), v5, f"{PROJECT}:soon")
+    late = await token_ok(port, hs256(exp=time.time() - 5), v5, f"{PROJECT}:late")
+    if v5:
+        packet = await client.expect(PacketType.DISCONNECT, timeout=5)
+        assert decode_disconnect(packet, 0, len(packet), True).reason_code == MAXIMUM_CONNECT_TIME
+    await client.wait_closed(timeout=5)
+    assert exp - 0.05 <= time.time() <= exp + 1.0
+    assert await late.publish(f"ff/v1/team1/p/p1/out/{uid()}/late", qos=1) == 0  # until exp + 30 s
+    assert not late.closed.is_set()
+    await late.close()
+
+
 # -- JWKS file, re-read on reload (SIGHUP) -----------------------------------------------------------
 
 

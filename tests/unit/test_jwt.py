@@ -96,7 +96,7 @@ def forge(header: dict[str, Any], payload: dict[str, Any], key: bytes) -> str:
 
 def test_hs256_valid() -> None:
     verdict = check(verifier(secret=SECRET, leeway=30), hs_token())
-    assert verdict == JwtVerdict(True, "ok", "frontend:team1:dev1", NOW + 300 + 30)
+    assert verdict == JwtVerdict(True, "ok", "frontend:team1:dev1", NOW + 300)  # the session ends at exp
 
 
 def test_hs512_needs_a_secret_as_long_as_its_hash() -> None:
@@ -191,9 +191,11 @@ def test_time_claims(extra: dict[str, Any], reason: str) -> None:
     assert check(verifier(secret=SECRET, leeway=30), hs_token(**extra)).reason == reason
 
 
-def test_expires_at_includes_the_leeway() -> None:
+def test_the_session_ends_at_exp_or_at_the_end_of_the_leeway_if_exp_has_passed() -> None:
     v = verifier(secret=SECRET, leeway=30)
-    verdict = check(v, hs_token(exp=int(NOW) - 10))
+    verdict = check(v, hs_token(exp=int(NOW) + 10))
+    assert verdict.ok and verdict.expires_at == NOW + 10
+    verdict = check(v, hs_token(exp=int(NOW) - 10))  # accepted inside the leeway: not cut off at once
     assert verdict.ok and verdict.expires_at == NOW + 20
 
 
