@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from acl.claims import ClaimPolicy
@@ -72,6 +72,11 @@ class Grant:
     mountpoint: str
     superuser: bool = False
     team: str | None = None  # the platform said so and auth.http.honor_superuser allows it
+    # A JWT session: the CONNECT's (username, password), checked again when the keys change (never shown),
+    # what verified it (JwtVerifier.fingerprint), and whether its mountpoint came from the token's claim.
+    token: tuple[str | None, bytes | None] | None = field(default=None, repr=False, compare=False)
+    jwt_fingerprint: bytes | None = None
+    claim_mount: bool = False
 
 
 class Admission:
@@ -287,8 +292,15 @@ class Admission:
         mount = PLACEHOLDER_RE.sub(fill, template)
         return None if missing else mount
 
-    def grant(self, result: AuthResult, client_id: str, listener: str) -> Grant:
-        """The record of an admitted CONNECT (``result.ok``), kept by the server for :meth:`rebind`."""
+    def grant(
+        self,
+        result: AuthResult,
+        client_id: str,
+        listener: str,
+        credentials: tuple[str | None, bytes | None] | None = None,
+    ) -> Grant:
+        """The record of an admitted CONNECT (``result.ok``), kept by the server for :meth:`rebind`;
+        ``credentials`` are the CONNECT's (username, password), kept only for a JWT session."""
         username = result.username
         policy = result.policy
         base = policy.fallback if isinstance(policy, ClaimPolicy) else policy
@@ -303,15 +315,29 @@ class Admission:
         else:
             source = "anonymous"
         superuser = isinstance(base, PlatformPolicy) and base.superuser
-        return Grant(source, username, client_id, result.mountpoint, superuser, result.team)
+        if source != "jwt":
+            return Grant(source, username, client_id, result.mountpoint, superuser, result.team)
+        claim_mount = result.mountpoint != self._local_mountpoint(parse_identity(username), client_id)
+        return Grant(
+            source,
+            username,
+            client_id,
+            result.mountpoint,
+            superuser,
+            result.team,
+            token=credentials,
+            jwt_fingerprint=self.jwt.fingerprint if self.jwt is not None else None,
+            claim_mount=claim_mount,
+        )
 
     def rebind(self, grant: Grant, current: AccessPolicy | None) -> AccessPolicy | str:
         """The access policy a connected session gets under the configuration now in force, or why it must go.
 
         A users-file identity that was removed, and an anonymous session once
         anonymous access is off, must go; so must a local identity whose ``acl.mountpoints`` changed (its
-        topics would move under it). The platform's and a JWT's identities stay (a one-time credential
-        cannot be checked again; a token carries its own expiry); their rules are rebuilt.
+        topics would move under it). The platform's identities stay (a one-time credential cannot be
+        checked again); a JWT's stay while the auth.jwt in force still accepts their token (checked again
+        only when its keys or checks changed). The rules of those that stay are rebuilt.
         """
         username, client_id = grant.username, grant.client_id
         if grant.source == "users_file":
@@ -320,7 +346,11 @@ class Admission:
         elif grant.source == "anonymous" and not self.authenticator.allow_anonymous:
             return "anonymous access turned off"
         identity = parse_identity(username)
-        local = grant.source in ("users_file", "anonymous", "certificate")
+        if grant.source == "jwt" and (why := self._token_problem(grant)) is not None:
+            return why
+        local = grant.source in ("users_file", "anonymous", "certificate") or (
+            grant.source == "jwt" and not grant.claim_mount
+        )
         if local and self._local_mountpoint(identity, client_id) != grant.mountpoint:
             return "mountpoint changed"
         policy: AccessPolicy
@@ -332,6 +362,22 @@ class Admission:
             current.fallback = policy  # the token's rules stay in front (they cache only their own matches)
             return current
         return policy
+
+    def _token_problem(self, grant: Grant) -> str | None:
+        """Why a JWT session may not stay under the auth.jwt now in force, or None: its token is checked
+        again when what verifies tokens changed (a key dropped, the issuer, the audience)."""
+        if self.jwt is None:
+            return "auth.jwt removed"
+        if grant.token is None or grant.jwt_fingerprint == self.jwt.fingerprint:
+            return None
+        verdict = self.jwt.verify(*grant.token)
+        if not verdict.ok:
+            return f"token no longer accepted: {verdict.reason}"
+        if verdict.identity != grant.username:
+            return "token identity changed"
+        if grant.claim_mount and verdict.mountpoint != grant.mountpoint:
+            return "mountpoint changed"
+        return None
 
     def decide_soon(self, policy: AccessPolicy | None, check: CheckAccess, done: Callable[[bool | None], None]) -> None:
         """A CheckAccess of a session: ``done`` gets the policy's own asynchronous decision (None: its backend

@@ -408,7 +408,7 @@ class FrontBroker:
         since = self.control.generation
         result = await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
         if result.ok and result.policy is not None and conn in self.connections:
-            grant = self.admission.grant(result, request.client_id, conn.listener)
+            grant = self.admission.grant(result, request.client_id, conn.listener, (request.username, request.password))
             why = self.control.admitted(grant, since, result.policy)  # a reload or revoke ran while it was checked
             if isinstance(why, str):
                 if result.team is not None:

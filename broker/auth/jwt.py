@@ -40,6 +40,7 @@ in a key file is refused), and every configured key usable by some configured al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -50,7 +51,7 @@ from typing import TYPE_CHECKING, Literal, TypeGuard
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
 from acl.claims import ClaimPolicy, ClaimRule, FallbackPolicy, parse_acl_claim
 from broker.config import ConfigError, JwtAuthConfig
@@ -131,6 +132,16 @@ class _Key:
     kid: str | None
     algorithms: frozenset[str]
     key: _VerifyKey
+
+
+def _fingerprint(config: JwtAuthConfig, keys: tuple[_Key, ...]) -> bytes:
+    """A digest of what decides whether a token is accepted: the configuration and every key."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    for k in keys:
+        key = k.key
+        material = key if isinstance(key, bytes) else key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        digest.update(repr((k.name, k.kid, sorted(k.algorithms))).encode() + material)
+    return digest.digest()
 
 
 # -- loading keys -------------------------------------------------------------------------------------
@@ -311,6 +322,11 @@ class JwtVerifier:
         self.config = config
         self._algorithms = frozenset(config.algorithms)
         self._keys = load_keys(config)
+        self.fingerprint = _fingerprint(config, self._keys)
+
+    # Why a fingerprint: a reload checks the tokens of connected sessions again only when what verifies
+    # them changed (a key dropped or rotated, the issuer or audience changed), not on every reload (each
+    # check is about 100 us of CPU: 10,000 sessions would stall the loop a second).
 
     @property
     def token_from(self) -> str:
@@ -329,6 +345,7 @@ class JwtVerifier:
         names the problem (the caller logs it). Tokens verified meanwhile see either set, never a mix.
         """
         self._keys = load_keys(self.config)
+        self.fingerprint = _fingerprint(self.config, self._keys)
 
     def _token(self, username: str | None, password: bytes | None) -> str | JwtVerdict:
         if self.config.token_from == "username":

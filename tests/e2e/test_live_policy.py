@@ -4,12 +4,17 @@ an operator's kick, against a real Mosquitto, over MQTT 3.1.1 and 5, while clien
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import jwt as pyjwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from broker.config import load_config
 from broker.mqtt.packets import PacketType, decode_ack, decode_disconnect
@@ -276,3 +281,49 @@ async def test_the_inventory_counts_known_traffic_exactly(live: Callable[..., An
 async def test_without_an_inventory_section_there_is_none(live: Callable[..., Any]) -> None:
     front, _ = await live()
     assert front.control.topics("team1") is None
+
+
+@pytest.mark.parametrize("v5", VERSIONS)
+async def test_jwt_sessions_are_checked_again_when_the_keys_change(
+    live: Callable[..., Any], tmp_path: Path, v5: bool
+) -> None:
+    """A key retired from the JWKS file (a compromised one), or auth.jwt removed: the sessions whose
+    token no longer verifies are disconnected (v5 DISCONNECT 0x87); a token the new keys accept stays. A
+    reload that changes nothing of auth.jwt checks no token again."""
+    def jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+        data: dict[str, Any] = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+        return {**data, "kid": kid, "alg": "RS256", "use": "sig"}
+
+    old_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk(old_key, "k1"), jwk(new_key, "k2")]}))
+    users = str(tmp_path / "users.yaml")
+    jwt_auth = {"users_file": users, "allow_anonymous": False, "jwt": {"jwks_file": str(jwks), "algorithms": ["RS256"]}}
+    front, rewrite = await live(auth=jwt_auth)
+
+    def token(key: rsa.RSAPrivateKey, kid: str) -> bytes:
+        claims = {"sub": "project:team1:p1", "exp": int(time.time()) + 300}
+        return pyjwt.encode(claims, key, algorithm="RS256", headers={"kid": kid}).encode()
+
+    t = uid()
+    signed_old = await connect_ok(
+        front_port(front), "jwt", v5, client_id=f"project:team1:p1:{t}a", password=token(old_key, "k1")
+    )
+    signed_new = await connect_ok(
+        front_port(front), "jwt", v5, client_id=f"project:team1:p1:{t}b", password=token(new_key, "k2")
+    )
+    report = await front.control.reload()  # nothing changed
+    assert report["sessions_disconnected"] == 0
+    jwks.write_text(json.dumps({"keys": [jwk(new_key, "k2")]}))  # k1 retired
+    report = await front.control.reload()
+    assert report["sessions_disconnected"] == 1
+    if v5:
+        packet = await signed_old.expect(PacketType.DISCONNECT)
+        assert decode_disconnect(packet, 0, len(packet), True).reason_code == 0x87
+    await signed_old.wait_closed()
+    assert await signed_new.publish(f"ff/v1/team1/p/p1/out/{t}", qos=1) == 0
+    rewrite(auth={"users_file": users, "allow_anonymous": False})  # auth.jwt removed
+    report = await front.control.reload()
+    assert report["sessions_disconnected"] == 1
+    await signed_new.wait_closed()
