@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from acl.claims import ClaimPolicy
@@ -77,6 +77,15 @@ class Grant:
     token: tuple[str | None, bytes | None] | None = field(default=None, repr=False, compare=False)
     jwt_fingerprint: bytes | None = None
     claim_mount: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JwtRecheck:
+    """What a JWT login leaves for a reload: which verifier accepted the token, and whether the session's
+    mountpoint is the token's claim (else acl.mountpoints', checked like a local identity's)."""
+
+    fingerprint: bytes
+    claim_mount: bool
 
 
 class Admission:
@@ -271,6 +280,7 @@ class Admission:
             client_id_rule=ClientIdRule(rule),
             mountpoint=mount,
             expires_at=jwt.expires_at if jwt is not None else None,
+            recheck=JwtRecheck(jwt.fingerprint, bool(jwt.mountpoint)) if jwt is not None else None,
         )
 
     def _local_mountpoint(self, identity: Identity, client_id: str) -> str | None:
@@ -317,7 +327,7 @@ class Admission:
         superuser = isinstance(base, PlatformPolicy) and base.superuser
         if source != "jwt":
             return Grant(source, username, client_id, result.mountpoint, superuser, result.team)
-        claim_mount = result.mountpoint != self._local_mountpoint(parse_identity(username), client_id)
+        recheck = result.recheck if isinstance(result.recheck, JwtRecheck) else None
         return Grant(
             source,
             username,
@@ -326,9 +336,16 @@ class Admission:
             superuser,
             result.team,
             token=credentials,
-            jwt_fingerprint=self.jwt.fingerprint if self.jwt is not None else None,
-            claim_mount=claim_mount,
+            jwt_fingerprint=recheck.fingerprint if recheck is not None else None,
+            claim_mount=recheck.claim_mount if recheck is not None else False,
         )
+
+    def refreshed(self, grant: Grant) -> Grant:
+        """``grant`` once :meth:`rebind` kept it: a JWT session's token now counts as checked by the verifier
+        in force (so later reloads do not check it again)."""
+        if grant.source != "jwt" or self.jwt is None or grant.jwt_fingerprint == self.jwt.fingerprint:
+            return grant
+        return replace(grant, jwt_fingerprint=self.jwt.fingerprint)
 
     def rebind(self, grant: Grant, current: AccessPolicy | None) -> AccessPolicy | str:
         """The access policy a connected session gets under the configuration now in force, or why it must go.

@@ -231,6 +231,7 @@ class Control:
                 )
                 conn.disconnect(DisconnectReason.NOT_AUTHORIZED, verdict, discard_will=True)
             else:
+                self.front.grants[conn] = self.front.admission.refreshed(grant)
                 revoked += len(conn.replace_policy(verdict))
         return {"sessions_checked": checked, "sessions_disconnected": disconnected, "subscriptions_revoked": revoked}
 

@@ -426,7 +426,7 @@ class FrontBroker:
                 return AuthResult(False)
             if why is not result.policy:
                 result = dataclasses.replace(result, policy=why)
-            self.grants[conn] = grant
+            self.grants[conn] = self.admission.refreshed(grant)
         return result
 
     def release_team(self, team: str) -> None:

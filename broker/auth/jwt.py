@@ -44,7 +44,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeGuard
 
@@ -114,6 +114,8 @@ class JwtVerdict:
     mountpoint: str = ""
     rules_exclusive: bool = False
     detail: str = ""
+    # JwtVerifier.fingerprint of the verifier that accepted it (a reload compares it with the one in force).
+    fingerprint: bytes = field(default=b"", compare=False, repr=False)
 
     def access_policy(self, fallback: FallbackPolicy, client_id: str) -> FallbackPolicy:
         """The session's access policy: the token's rules before ``fallback``, or ``fallback`` itself."""
@@ -442,4 +444,4 @@ class JwtVerifier:
                 return _refuse("malformed", f"claim {config.mountpoint_claim!r}: {problem}")
             mountpoint = value
         expires_at = float(exp) if exp > now else float(exp) + leeway
-        return JwtVerdict(True, "ok", identity, expires_at, rules, mountpoint, exclusive)
+        return JwtVerdict(True, "ok", identity, expires_at, rules, mountpoint, exclusive, fingerprint=self.fingerprint)

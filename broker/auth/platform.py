@@ -38,10 +38,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from acl.cache import oldest
 from broker import __version__
+from broker.auth.answers import Answer, read_emqx, read_go_auth
 from broker.auth.http_client import PACE, HttpClient, HttpError, Response, SlotTimeout, Target
 from broker.config import ConfigError, HttpAuthConfig
 from broker.config import redact_url as _redact_url
@@ -161,16 +162,6 @@ def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
         raise ConfigError(f"auth.http.ca_file: cannot load {ca_file}: {detail}") from None
 
 
-class _Answer:
-    """What one HTTP exchange gave: (result, parsed JSON body or None)."""
-
-    __slots__ = ("body", "result")
-
-    def __init__(self, result: str, body: Any = None) -> None:
-        self.result = result
-        self.body = body
-
-
 class PlatformClient:
     """Asks the platform (``auth.http``). Call :meth:`start` before the first question, :meth:`close` at the end.
 
@@ -199,8 +190,10 @@ class PlatformClient:
         self._by_user: dict[str, set[CacheKey]] = {}
         self._pending: dict[CacheKey, asyncio.Future[str]] = {}  # the answer a miss of this key waits for
         self._urls = {"auth": redact_url(config.auth_url), "acl": redact_url(config.acl_url or "")}
-        self._last_log = -LOG_INTERVAL
-        self._suppressed = 0  # platform_error lines left out since the last one
+        # platform_error lines: when the last was logged and how many were left out since, per channel
+        # (a 4xx read as a deny has its own, so that a backend denying with 401 cannot hide an outage's lines).
+        self._last_log = {False: -LOG_INTERVAL, True: -LOG_INTERVAL}
+        self._suppressed = {False: 0, True: 0}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -398,14 +391,14 @@ class PlatformClient:
         client, target = self._client, self._targets.get("acl")
         if client is None or target is None:
             self._failed("acl", "error", "not started" if client is None else "no acl_url")
-            self._acl_answered(key, shared, _Answer("error"))
+            self._acl_answered(key, shared, Answer("error"))
             return shared
         # Its waiters resume held deliveries (a write each, then the next check): a loop turn of their own.
         posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"), cost=PACE)
         posted.add_done_callback(lambda done: self._acl_answered(key, shared, self._outcome("acl", done)))
         return shared
 
-    def _acl_answered(self, key: CacheKey, shared: asyncio.Future[str], answer: _Answer) -> None:
+    def _acl_answered(self, key: CacheKey, shared: asyncio.Future[str], answer: Answer) -> None:
         self.stats.requests[("acl", answer.result)] += 1
         decision = answer.result == "allow"
         # Not cached when forget() ran meanwhile (this is no longer the pending request) or on error/timeout.
@@ -418,12 +411,12 @@ class PlatformClient:
 
     # -- one request ----------------------------------------------------------------------
 
-    async def _request(self, kind: str, body: dict[str, object]) -> _Answer:
+    async def _request(self, kind: str, body: dict[str, object]) -> Answer:
         """Send one request (never retried) and read its answer; every failure is an answer, never raised."""
         client = self._client
         target = self._targets.get(kind)
         if client is None or target is None:
-            answer = _Answer("error")
+            answer = Answer("error")
             self._failed(kind, "error", "not started" if client is None else f"no {kind}_url")
         else:
             posted = client.post(target, json.dumps(body, separators=(",", ":")).encode("ascii"))
@@ -431,22 +424,22 @@ class PlatformClient:
             # still waiting for a slot, it is never sent (HttpClient._next).
             with contextlib.suppress(Exception):
                 await posted
-            answer = self._outcome(kind, posted) if posted.done() else _Answer("error")
+            answer = self._outcome(kind, posted) if posted.done() else Answer("error")
         self.stats.requests[(kind, answer.result)] += 1
         return answer
 
-    def _outcome(self, kind: str, posted: asyncio.Future[Response]) -> _Answer:
+    def _outcome(self, kind: str, posted: asyncio.Future[Response]) -> Answer:
         """What a finished request says; failures are logged (rate-limited) and refuse."""
         exc = posted.exception() if not posted.cancelled() else HttpError("cancelled")
         if isinstance(exc, TimeoutError):
             self._failed(kind, "timeout", "no free request slot" if isinstance(exc, SlotTimeout) else str(exc))
-            return _Answer("timeout")
+            return Answer("timeout")
         if exc is not None:
             self._failed(kind, "error", str(exc) or type(exc).__name__)
-            return _Answer("error")
+            return Answer("error")
         response = posted.result()
         status = response.status
-        answer = self._read_go_auth(status) if self._go_auth else self._read_emqx(kind, status, response.body)
+        answer = read_go_auth(status) if self._go_auth else read_emqx(kind, status, response.body)
         if answer.result == "error":
             self._failed(kind, "error", f"status {status}, unexpected answer")
         elif not self._go_auth and 400 <= status < 500:
@@ -455,39 +448,15 @@ class PlatformClient:
             self._failed(kind, "status", f"status {status}, read as deny")
         return answer
 
-    @staticmethod
-    def _read_go_auth(status: int) -> _Answer:
-        if 200 <= status < 300:
-            return _Answer("allow")
-        return _Answer("deny" if 400 <= status < 500 else "error")
-
-    @staticmethod
-    def _read_emqx(kind: str, status: int, content: bytes) -> _Answer:
-        if kind == "acl" and status == 204:
-            return _Answer("allow")
-        if 400 <= status < 500:
-            return _Answer("deny")  # EMQX reads a 4xx as "ignore": nobody allowed it
-        if status != 200:
-            return _Answer("error")
-        try:
-            data = json.loads(content)
-        except ValueError:
-            return _Answer("error")
-        result = data.get("result") if isinstance(data, dict) else None
-        if result == "allow":
-            return _Answer("allow", data)
-        if result in ("deny", "ignore"):
-            return _Answer("deny")
-        return _Answer("error")
-
     def _failed(self, kind: str, reason: str, detail: str) -> None:
         """Log a platform failure, at most once per LOG_INTERVAL; the lines left out are counted in the next."""
         now = time.monotonic()
-        if now - self._last_log < LOG_INTERVAL:
-            self._suppressed += 1
+        channel = reason == "status"
+        if now - self._last_log[channel] < LOG_INTERVAL:
+            self._suppressed[channel] += 1
             return
-        self._last_log = now
-        suppressed, self._suppressed = self._suppressed, 0
+        self._last_log[channel] = now
+        suppressed, self._suppressed[channel] = self._suppressed[channel], 0
         log_event(
             log,
             logging.WARNING,

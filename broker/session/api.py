@@ -136,6 +136,7 @@ class AuthResult:
     # Topics of this client live under this prefix upstream (its team's space); "" = not mounted.
     mountpoint: str = ""
     expires_at: float | None = None  # time.time() at which the session must end (a JWT's exp; broker.auth.jwt)
+    recheck: object = None  # opaque to the session: what broker.admission needs to check the credentials again
 
 
 DEFAULT_LIMITS = DecodeLimits()

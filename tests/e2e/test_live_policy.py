@@ -323,6 +323,9 @@ async def test_jwt_sessions_are_checked_again_when_the_keys_change(
         assert decode_disconnect(packet, 0, len(packet), True).reason_code == 0x87
     await signed_old.wait_closed()
     assert await signed_new.publish(f"ff/v1/team1/p/p1/out/{t}", qos=1) == 0
+    # The token that stays counts as checked by the keys in force: later reloads do not check it again.
+    assert front.admission.jwt is not None
+    assert [g.jwt_fingerprint for g in front.grants.values()] == [front.admission.jwt.fingerprint]
     rewrite(auth={"users_file": users, "allow_anonymous": False})  # auth.jwt removed
     report = await front.control.reload()
     assert report["sessions_disconnected"] == 1

@@ -552,6 +552,24 @@ async def test_a_4xx_is_a_deny_and_in_emqx_style_also_a_logged_platform_error(
         assert lines == []
 
 
+async def test_4xx_lines_never_hide_an_outages_lines(platform: FakePlatform, caplog: pytest.LogCaptureFixture) -> None:
+    """A backend that denies with 401 logs a platform_error per second of its own; a timeout or 5xx in the
+    same second still gets its line."""
+    client = PlatformClient(HttpAuthConfig.model_validate(platform.emqx_config()))
+    await client.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mqtt_front.auth.platform"):
+            platform.auth.fail = 401
+            await client.authenticate(PROJECT, b"pw", "c")
+            await client.authenticate(PROJECT, b"pw", "c")
+            platform.auth.fail = 503
+            await client.authenticate(PROJECT, b"pw", "c")
+    finally:
+        await client.close()
+    lines = [r.event_fields for r in caplog.records if getattr(r, "event", None) == "platform_error"]  # type: ignore[attr-defined]
+    assert [f["reason"] for f in lines] == ["status", "error"]
+
+
 def test_fake_platform_serves_from_a_thread_for_sync_tests() -> None:
     with FakePlatform().in_thread() as fake:
         password = fake.add("alice@team1")

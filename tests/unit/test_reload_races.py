@@ -4,19 +4,22 @@ a packet id the client is using, a worker's share of the platform bound."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import bcrypt
+import jwt as pyjwt
 import pytest
 
 from acl.identity import parse_identity
 from broker.admission import Grant
+from broker.auth.jwt import JwtVerifier
 from broker.auth.users import Authenticator
 from broker.config import parse_config
 from broker.mqtt.packets import Connect, PacketType, Will, decode_unsubscribe, encode_connack, encode_connect
 from broker.mqtt.reasons import DisconnectReason
 from broker.reload import worker_share
 from broker.server import FrontBroker
-from broker.session import AuthResult, SessionSettings
+from broker.session import Authenticate, AuthResult, SessionSettings
 from tests.support.mqtt_bytes import publish, split_packets
 from tests.support.session_driver import DrivenSession
 from tests.unit.test_session_live import Readable, subscribed
@@ -156,3 +159,32 @@ def test_a_reloaded_config_keeps_each_workers_share_of_the_platform_bound() -> N
         }
     )
     assert worker_share(config, 2).auth.http.max_concurrency == 32  # type: ignore[union-attr]
+
+
+async def test_a_jwt_login_checked_before_a_reload_that_drops_its_key_is_refused() -> None:
+    """The token was verified by the verifier before the reload; the grant is made after it. It must
+    carry the fingerprint of the verifier that checked it, so that admitted() checks it again."""
+    old_secret, new_secret = "s" * 40, "t" * 40
+    f = FrontBroker(
+        parse_config(
+            {
+                "listeners": [{"name": "mqtt", "bind": "127.0.0.1:0"}],
+                "upstream": {"url": "mqtt://127.0.0.1:1"},
+                "auth": {"allow_anonymous": False, "jwt": {"secret": old_secret, "algorithms": ["HS256"]}},
+            }
+        )
+    )
+    try:
+        token = pyjwt.encode({"sub": "project:team1:p1", "exp": int(time.time()) + 300}, old_secret).encode()
+        client_id = "project:team1:p1:n"
+        since = f.control.generation
+        result = await f.admission.admit(Authenticate("jwt", token, client_id), "mqtt", None, "127.0.0.1:1")
+        assert result.ok and result.policy is not None
+        assert f.admission.jwt is not None
+        new_config = f.admission.jwt.config.model_copy(update={"secret": new_secret})
+        f.admission.jwt = JwtVerifier(new_config)  # the reload's swap, while the login was still waiting
+        f.control._generation += 1
+        grant = f.admission.grant(result, client_id, "mqtt", ("jwt", token))
+        assert f.control.admitted(grant, since, result.policy) == "token no longer accepted: bad signature"
+    finally:
+        f.authenticator.close()
