@@ -409,8 +409,8 @@ class FrontBroker:
         result = await self.admission.admit(request, conn.listener, conn.transport, conn.peer)
         if result.ok and result.policy is not None and conn in self.connections:
             grant = self.admission.grant(result, request.client_id, conn.listener, (request.username, request.password))
-            why = self.control.admitted(grant, since, result.policy)  # a reload or revoke ran while it was checked
-            if isinstance(why, str):
+            verdict = self.control.admitted(grant, since, result.policy)  # a reload or revoke ran while it was checked
+            if isinstance(verdict, str):
                 if result.team is not None:
                     self.admission.release_team(result.team)
                 log_event(
@@ -421,11 +421,11 @@ class FrontBroker:
                     user=result.username,
                     client=request.client_id,
                     result="not_authorized",
-                    reason=why,
+                    reason=verdict,
                 )
                 return AuthResult(False)
-            if why is not result.policy:
-                result = dataclasses.replace(result, policy=why)
+            if verdict is not result.policy:
+                result = dataclasses.replace(result, policy=verdict)
             self.grants[conn] = self.admission.refreshed(grant)
         return result
 

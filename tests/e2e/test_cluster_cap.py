@@ -37,6 +37,17 @@ async def open_client(front: FrontBroker, username: str, tag: str, v5: bool = Tr
     return client, code
 
 
+async def admitted_soon(front: FrontBroker, username: str, tag: str, v5: bool) -> RawClient:
+    """Log in until the front admits the client (a slot freed on another replica reaches the store)."""
+    async with asyncio.timeout(5):
+        while True:
+            client, code = await open_client(front, username, tag, v5)
+            if code == 0:
+                return client
+            await client.close()
+            await asyncio.sleep(0.05)
+
+
 def store_metrics(front: FrontBroker) -> Scrape:
     return Scrape(generate_latest(front.metrics.registry).decode())
 
@@ -55,13 +66,7 @@ async def test_two_replicas_share_the_team_cap(make_front: FrontFactory, redis_s
     other, code = await open_client(two, "project:team2:p3", "e", v5)
     assert code == 0  # another team has its own count
     await a.close()
-    async with asyncio.timeout(5):  # a disconnect on one replica frees the slot for the other
-        while True:
-            again, code = await open_client(two, "project:team1:p1", "f", v5)
-            if code == 0:
-                break
-            await again.close()
-            await asyncio.sleep(0.05)
+    again = await admitted_soon(two, "project:team1:p1", "f", v5)  # a disconnect on one replica frees the slot
     assert one.admission.team_connections("team1") == 0 and two.admission.team_connections("team1") == 2
     metrics = store_metrics(one)
     assert metrics.get("mqtt_front_store_takes_total", result="ok") == 1
@@ -149,12 +154,6 @@ async def test_a_cap_set_by_a_reload_counts_the_connections_admitted_before_it(
     c, code_c = await open_client(two, "project:team1:p1", "c", v5)
     assert code_c == (0x97 if v5 else 0x03)  # team1 has its 2 connections on the first replica
     await a.close()
-    async with asyncio.timeout(5):  # a release is counted too: the freed slot is the other replica's now
-        while True:
-            d, code_d = await open_client(two, "project:team1:p1", "d", v5)
-            if code_d == 0:
-                break
-            await d.close()
-            await asyncio.sleep(0.05)
+    d = await admitted_soon(two, "project:team1:p1", "d", v5)  # a release is counted too: the slot is free again
     for client in (b, c, d):
         await client.close()
