@@ -100,11 +100,11 @@ _VerifyKey = bytes | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 @dataclass(frozen=True, slots=True)
 class JwtVerdict:
     """What a token proved. ``expires_at`` is when the session must end, on the ``time.time()`` clock: at
-    ``exp``, as EMQX's ``disconnect_after_expire`` does; for a token already past its
-    ``exp`` and accepted inside the leeway, at ``exp + leeway`` (ending it at ``exp`` would cut it off at
-    once). ``rules`` are the token's ACL claim, placeholders
-    unbound (see :meth:`access_policy`); ``rules_exclusive`` is set for EMQX's object form, whose lists
-    are the whole policy. ``detail`` says more about a refusal for the log; it never holds the token."""
+    ``exp``, as EMQX's ``disconnect_after_expire`` does; for a token already past its ``exp`` and accepted
+    inside the leeway, at ``exp + leeway`` (ending it at ``exp`` would cut it off at once). ``rules`` are
+    the token's ACL claim, placeholders unbound (see :meth:`access_policy`); ``rules_exclusive`` is set for
+    EMQX's object form, whose lists are the whole policy. ``detail`` says more about a refusal for the log;
+    it never holds the token."""
 
     ok: bool
     reason: JwtReason
@@ -324,11 +324,10 @@ class JwtVerifier:
         self.config = config
         self._algorithms = frozenset(config.algorithms)
         self._keys = load_keys(config)
+        # What verifies tokens, as a digest: a reload checks the tokens of connected sessions again only when
+        # it changed (a key dropped or rotated, the issuer or audience), not on every reload (each check is
+        # about 100 us of CPU: 10,000 sessions would stall the loop a second).
         self.fingerprint = _fingerprint(config, self._keys)
-
-    # Why a fingerprint: a reload checks the tokens of connected sessions again only when what verifies
-    # them changed (a key dropped or rotated, the issuer or audience changed), not on every reload (each
-    # check is about 100 us of CPU: 10,000 sessions would stall the loop a second).
 
     @property
     def token_from(self) -> str:
